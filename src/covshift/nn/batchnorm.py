@@ -1,0 +1,122 @@
+r"""``BatchNorm1d/2d/3d``: drop-in replacements for ``torch.nn.BatchNorm*`` on covshift's own maths.
+
+Each class subclasses its torch counterpart, so the constructor, defaults, parameters, buffers,
+``state_dict`` keys, ``reset_parameters``, ``reset_running_stats``, ``extra_repr`` and every
+``isinstance(m, torch.nn.BatchNorm2d)`` check in user code stay exactly torch's. Only
+``forward`` is replaced: it runs :func:`covshift.functional.batch_norm` (the formula with an
+analytic backward) instead of ATen's kernel, and checks its input with clearer errors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from covshift.functional.batch_norm import ChannelMismatchError, batch_norm
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+_MATH_DOC = r"""
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    Ioffe & Szegedy 2015 (arXiv:1502.03167). Mean and variance are per channel (dim 1), over
+    every other axis. ``gamma`` (``weight``, ones) and ``beta`` (``bias``, zeros) exist when
+    ``affine=True``.
+
+    **Which variance where.** Training normalizes with the *biased* batch variance
+    ``(1/m) sum (x - mu)^2``; the running estimate receives the *unbiased* one, ``* m/(m-1)``.
+
+    **Momentum rule.** In training with ``track_running_stats=True``, ``num_batches_tracked += 1`` and
+    ``running = (1 - momentum) * running + momentum * batch_stat``. ``momentum=None`` uses
+    ``1/num_batches_tracked``: a plain cumulative average, each batch weighted equally. (Keras'
+    ``momentum=0.99`` is torch's and covshift's ``momentum=0.01``.)
+
+    **Modes.** ``.eval()`` normalizes with the running statistics and updates nothing. With
+    ``track_running_stats=False`` at construction the buffers are ``None`` and batch statistics are
+    used in training *and* eval; set to ``False`` later, training uses batch statistics without
+    updating the buffers and eval still uses them.
+
+    An empty batch (``N = 0``) returns an empty tensor and leaves the statistics untouched. The output
+    keeps the input's dtype and memory format (``channels_last`` stays ``channels_last``); float16 and
+    bfloat16 input work with float32 parameters and float32 statistics.
+
+    Args:
+        num_features: ``C``, the number of channels.
+        eps: added to the variance. Default ``1e-5``.
+        momentum: running-average factor, or ``None`` for a cumulative average. Default ``0.1``.
+        affine: learnable ``weight`` and ``bias``. Default ``True``.
+        track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+            Default ``True``.
+"""
+
+
+class _BatchNormMixin:
+    """The covshift forward shared by BatchNorm1d/2d/3d. Placed first in the MRO."""
+
+    _ranks: tuple[int, ...]
+    _shape_hint: str
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in self._ranks:
+            expected = " or ".join(f"{r}D" for r in self._ranks)
+            raise ValueError(
+                f"{type(self).__name__} expected {expected} input (got {input.dim()}D input of shape "
+                f"{list(input.shape)}); it takes {self._shape_hint}."
+            )
+
+    def _check_channels(self, input: Tensor) -> None:
+        if input.shape[1] != self.num_features:
+            raise ChannelMismatchError(
+                f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels at dim 1, "
+                f"got {input.shape[1]} (input shape {list(input.shape)}). Build the layer with "
+                f"num_features={input.shape[1]}, or fix the layer that feeds it."
+            )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_channels(input)
+        # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward, so behaviour matches case by case.
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # Buffers are updated only when they are tracked; in eval they are read if they exist.
+        track = not self.training or self.track_running_stats
+        return batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNormMixin, torch.nn.BatchNorm1d):
+    __doc__ = (
+        "Batch Normalization over 2D ``(N, C)`` or 3D ``(N, C, L)`` input; a drop-in for "
+        "``torch.nn.BatchNorm1d``.\n" + _MATH_DOC
+    )
+    _ranks = (2, 3)
+    _shape_hint = "(N, C) or (N, C, L); use BatchNorm2d for (N, C, H, W)"
+
+
+class BatchNorm2d(_BatchNormMixin, torch.nn.BatchNorm2d):
+    __doc__ = (
+        "Batch Normalization over 4D ``(N, C, H, W)`` input; a drop-in for ``torch.nn.BatchNorm2d``.\n"
+        + _MATH_DOC
+    )
+    _ranks = (4,)
+    _shape_hint = "(N, C, H, W); use BatchNorm1d for (N, C) or (N, C, L), BatchNorm3d for (N, C, D, H, W)"
+
+
+class BatchNorm3d(_BatchNormMixin, torch.nn.BatchNorm3d):
+    __doc__ = (
+        "Batch Normalization over 5D ``(N, C, D, H, W)`` input; a drop-in for ``torch.nn.BatchNorm3d``.\n"
+        + _MATH_DOC
+    )
+    _ranks = (5,)
+    _shape_hint = "(N, C, D, H, W); use BatchNorm2d for (N, C, H, W)"
