@@ -1,5 +1,5 @@
 """Pure functions: the maths of every covshift layer, with no module state."""
 
-from covshift.functional.batch_norm import ChannelMismatchError, batch_norm
+from covshift.functional.batchnorm import ChannelMismatchError, batch_norm
 
 __all__ = ["batch_norm", "ChannelMismatchError"]

@@ -9,12 +9,18 @@ analytic backward) instead of ATen's kernel, and checks its input with clearer e
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
-from covshift.functional.batch_norm import ChannelMismatchError, batch_norm
+from covshift.functional.batchnorm import ChannelMismatchError, batch_norm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NonFiniteBatchWarning"]
+
+
+class NonFiniteBatchWarning(RuntimeWarning):
+    """A training batch held NaN or inf, so the running statistics were left as they were."""
 
 _MATH_DOC = r"""
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
@@ -47,6 +53,13 @@ _MATH_DOC = r"""
         affine: learnable ``weight`` and ``bias``. Default ``True``.
         track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
             Default ``True``.
+        skip_nonfinite: keyword-only, covshift's addition. When ``True``, a training batch that
+            holds NaN or inf is still normalized with its own statistics, but it does *not* update
+            ``running_mean``, ``running_var`` or ``num_batches_tracked``, and a
+            :class:`NonFiniteBatchWarning` says so. One bad batch (common under mixed precision, where
+            the optimizer skips the step but BN has already updated) would otherwise poison the running
+            statistics for good. Costs one pass over the input and one host sync per training step.
+            Default ``False``.
 """
 
 
@@ -55,6 +68,29 @@ class _BatchNormMixin:
 
     _ranks: tuple[int, ...]
     _shape_hint: str
+    skip_nonfinite: bool = False  # class default, so layers converted from torch's have it too
+
+    def __init__(self, *args, skip_nonfinite: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_nonfinite = skip_nonfinite
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        return base + ", skip_nonfinite=True" if self.skip_nonfinite else base
+
+    def _nonfinite_batch(self, input: Tensor) -> bool:
+        """Whether the guard must skip this batch's statistics update (warns when it does)."""
+        if not (self.skip_nonfinite and self.training and self.track_running_stats):
+            return False
+        if bool(torch.isfinite(input).all()):
+            return False
+        warnings.warn(
+            f"{type(self).__name__}({self.num_features}): the batch holds NaN or inf; its statistics were "
+            "not added to running_mean/running_var (skip_nonfinite=True).",
+            NonFiniteBatchWarning,
+            stacklevel=3,
+        )
+        return True
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in self._ranks:
@@ -75,6 +111,8 @@ class _BatchNormMixin:
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_channels(input)
+        if self._nonfinite_batch(input):
+            return batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
         # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward, so behaviour matches case by case.
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
