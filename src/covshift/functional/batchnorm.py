@@ -27,7 +27,7 @@ None of them calls ATen's batch-norm kernels.
 Numerics, decided here once for every layer:
 
 * statistics accumulate in float32 for float16/bfloat16/float32 input and float64 for float64 input;
-* the variance comes from ``torch.var_mean`` (Welford-style reductions in ATen), never from
+* the variance is two-pass (the mean, then the mean of squared deviations), never
   ``E[x^2] - E[x]^2``, which cancels catastrophically when ``|mean| >> std``;
 * ``(x - mean)`` is formed before scaling, rather than folding ``x * alpha + beta``, for the same reason.
 """
@@ -43,6 +43,7 @@ __all__ = [
     "batch_norm",
     "batch_stats",
     "normalize",
+    "centered",
     "backward_reduce",
     "backward_elemt",
     "update_running_stats",
@@ -90,9 +91,13 @@ def check_batch_size(input: Tensor) -> None:
 
 
 def batch_stats(input: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Per-channel batch mean and *biased* variance, accumulated in float32 or wider.
+    r"""Per-channel batch mean and *biased* variance, two-pass, accumulated in float32 or wider.
 
     .. math:: \mu_c = \frac1m \sum x_c, \qquad \sigma_c^2 = \frac1m \sum (x_c - \mu_c)^2
+
+    The second pass sums squared *deviations*, so nothing cancels when ``|mean| >> std``
+    (unlike ``E[x^2] - E[x]^2``); torch's sums are cascaded, which keeps the rounding error of
+    each pass small for large ``m``.
 
     Args:
         input: ``(N, C, *)``.
@@ -101,8 +106,12 @@ def batch_stats(input: Tensor) -> tuple[Tensor, Tensor]:
         ``(mean, var)``, each ``(C,)`` in ``acc_dtype(input.dtype)``. Differentiable, so the
         double-backward pass can recompute them with a graph.
     """
-    x = input.to(acc_dtype(input.dtype))
-    var, mean = torch.var_mean(x, dim=reduce_dims(x), correction=0)
+    acc = acc_dtype(input.dtype)
+    dims = reduce_dims(input)
+    count = max(input.numel() // max(input.shape[1], 1), 1)
+    mean = input.sum(dims, dtype=acc) / count
+    xmu = input.to(acc) - _channel_view(mean, input.dim())
+    var = (xmu * xmu).sum(dims) / count
     return mean, var
 
 
@@ -129,20 +138,26 @@ def normalize(
     return y.to(input.dtype)
 
 
+def centered(input: Tensor, mean: Tensor) -> Tensor:
+    """``x - mean`` per channel, in the accumulation dtype and the input's memory format."""
+    return input.to(acc_dtype(input.dtype)) - _channel_view(mean.to(acc_dtype(input.dtype)), input.dim())
+
+
 def backward_reduce(
-    grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor
+    grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, *, xmu: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor]:
     r"""The two per-channel reductions of the backward pass.
 
     Returns ``sum_dy = sum(dy)`` and ``sum_dy_xmu = sum(dy * (x - mean))``, each ``(C,)`` in the
     accumulation dtype. ``dbeta = sum_dy`` and ``dgamma = sum_dy_xmu * invstd``. These are the
-    quantities a synchronized BatchNorm all-reduces across processes.
+    quantities a synchronized BatchNorm all-reduces across processes. ``xmu``, if given, is
+    :func:`centered` ``(input, mean)`` computed once and shared with :func:`backward_elemt`.
     """
     acc = acc_dtype(input.dtype)
     dims = reduce_dims(input)
-    dy = grad_output.to(acc)
-    xmu = input.to(acc) - _channel_view(mean.to(acc), input.dim())
-    return dy.sum(dims), (dy * xmu).sum(dims)
+    if xmu is None:
+        xmu = centered(input, mean)
+    return grad_output.sum(dims, dtype=acc), (grad_output.to(acc) * xmu).sum(dims)
 
 
 def backward_elemt(
@@ -154,6 +169,8 @@ def backward_elemt(
     sum_dy: Tensor,
     sum_dy_xmu: Tensor,
     count: Union[int, float, Tensor],
+    *,
+    xmu: Optional[Tensor] = None,
 ) -> Tensor:
     r"""Input gradient of training-mode BatchNorm, the analytic formula.
 
@@ -161,21 +178,26 @@ def backward_elemt(
 
         dx = \frac{\gamma\,\mathrm{invstd}}{m}\big(m\,dy - \textstyle\sum dy
              - \hat x \sum dy\,\hat x\big)
-           = \gamma\,\mathrm{invstd}\,\big(dy - a - (x - \mu)\,b\big),
+           = k\,dy - k\,a - k\,b\,(x - \mu),
 
-    with ``a = sum_dy / m`` and ``b = invstd^2 * sum_dy_xmu / m``. ``count`` is ``m``, the number of
-    values per channel over the *whole* batch (the global batch, for a synchronized BatchNorm).
+    with ``k = gamma * invstd``, ``a = sum_dy / m`` and ``b = invstd^2 * sum_dy_xmu / m``. ``count``
+    is ``m``, the number of values per channel over the *whole* batch (the global batch, for a
+    synchronized BatchNorm). ``xmu`` (see :func:`backward_reduce`) is overwritten when given.
     """
     acc = acc_dtype(input.dtype)
     n = input.dim()
     inv_m = 1.0 / count
     invstd = invstd.to(acc)
     k = invstd if weight is None else invstd * weight.to(acc)
-    a = _channel_view(sum_dy * inv_m, n)
-    b = _channel_view(invstd * invstd * sum_dy_xmu * inv_m, n)
-    xmu = input.to(acc) - _channel_view(mean.to(acc), n)
-    dx = grad_output.to(acc) - a - xmu * b
-    return (dx * _channel_view(k, n)).to(input.dtype)
+    shift = _channel_view(-k * sum_dy * inv_m, n)  # -k a
+    slope = _channel_view(-k * invstd * invstd * sum_dy_xmu * inv_m, n)  # -k b
+    if xmu is None:
+        xmu = centered(input, mean)
+    if torch.is_grad_enabled():  # double backward: out of place, so the graph stays intact
+        dx = xmu * slope + grad_output.to(acc) * _channel_view(k, n) + shift
+    else:  # three in-place passes over one buffer: (x - mu) * (-k b) + dy * k + (-k a)
+        dx = xmu.mul_(slope).addcmul_(grad_output.to(acc), _channel_view(k, n)).add_(shift)
+    return dx.to(input.dtype)
 
 
 @torch.no_grad()
@@ -238,10 +260,12 @@ class BatchNormFunction(torch.autograd.Function):
             zeros = torch.zeros(input.shape[1], dtype=acc_dtype(input.dtype), device=input.device)
             sum_dy = sum_dy_xmu = zeros
         else:
-            sum_dy, sum_dy_xmu = backward_reduce(grad_output, input, mean, invstd)
+            xmu = centered(input, mean)
+            sum_dy, sum_dy_xmu = backward_reduce(grad_output, input, mean, invstd, xmu=xmu)
             if need_input and ctx.training:
+                m = input.numel() // input.shape[1]
                 grad_input = backward_elemt(
-                    grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, input.numel() // input.shape[1]
+                    grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, m, xmu=xmu
                 )
             elif need_input:
                 # Inference: y is affine in x, dx = dy * gamma * invstd.
