@@ -1,6 +1,30 @@
-"""Layers: covshift's BatchNorm family, drop-in for ``torch.nn``'s."""
+"""Layers: covshift's BatchNorm family, drop-in for ``torch.nn``'s, its variants, and the tools around them."""
 
+from covshift.nn.batch_renorm import PAPER_SCHEDULE, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from covshift.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, NonFiniteBatchWarning
 from covshift.nn.convert import convert
+from covshift.nn.frozen_batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze
+from covshift.nn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d
+from covshift.nn.sync_batchnorm import ProcessGroupError, SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NonFiniteBatchWarning", "convert"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "NonFiniteBatchWarning",
+    "convert",
+    # variants
+    "SyncBatchNorm",
+    "ProcessGroupError",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "PAPER_SCHEDULE",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "freeze",
+    "unfreeze",
+]

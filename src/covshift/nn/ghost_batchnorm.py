@@ -1,0 +1,141 @@
+r"""``GhostBatchNorm1d/2d``: BatchNorm over "ghost" sub-batches of a large batch (Hoffer et al. 2017)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from covshift.functional.batchnorm import BatchNormFunction, batch_stats, update_running_stats
+from covshift.nn.batchnorm import BatchNorm1d, BatchNorm2d
+
+__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d"]
+
+_DOC = r"""
+    Hoffer, Hubara & Soudry 2017, "Train longer, generalize better: closing the generalization gap in
+    large batch training of neural networks" (arXiv:1705.08741), section 4. The batch is split along
+    dim 0 into consecutive ghost batches ``B_1, ..., B_K`` of ``virtual_batch_size`` samples; each is
+    normalized with its own statistics, exactly as :class:`covshift.nn.BatchNorm*` would normalize it
+    alone (biased variance, analytic backward through each ghost batch's statistics):
+
+    .. math:: y_k = \gamma\,\frac{x_k - \mu_k}{\sqrt{\sigma_k^2 + \epsilon}} + \beta, \qquad x_k \in B_k
+
+    **Remainder.** When ``N`` is not a multiple of ``virtual_batch_size``, the last ghost batch is
+    smaller and is normalized on its own; it is merged into the previous one only if it would hold a
+    single value per channel (whose variance is zero by construction). Nothing is dropped. When
+    ``virtual_batch_size >= N`` the layer is exactly BatchNorm.
+
+    **Running statistics: one update per forward.** With ``m_k`` values per channel in ghost batch ``k``
+    and ``M = sum_k m_k``, the batch statistics fed to the usual rule
+    ``running = (1 - momentum) * running + momentum * stat`` are
+
+    .. math::
+
+        \mu = \frac1M \sum_k m_k \mu_k, \qquad
+        s^2 = \frac{1}{M - K} \sum_k m_k \sigma_k^2
+
+    the count-weighted mean of the ghost-batch means (the batch mean) and the *pooled unbiased
+    within-ghost-batch variance*: the variance the ghost batches actually normalize with, corrected for
+    the ``K`` estimated means. With ``K = 1`` this is BatchNorm's rule (``s^2 = sigma^2 M/(M-1)``), and
+    ``num_batches_tracked`` counts forwards, not ghost batches, so ``momentum=None`` averages forwards.
+
+    **Inference** is plain BatchNorm with the running statistics. With ``track_running_stats=False``
+    (no buffers) ghost-batch statistics are used in eval too.
+
+    Args:
+        num_features: ``C``, the number of channels.
+        virtual_batch_size: samples per ghost batch, an int ``>= 1``.
+        eps, momentum, affine, track_running_stats, device, dtype: as ``torch.nn.BatchNorm*``.
+        bias: keyword-only, as ``torch.nn.BatchNorm*``: with ``affine=True``, whether ``beta`` exists.
+        skip_nonfinite: keyword-only; a training batch with NaN or inf does not update the running
+            statistics, with a :class:`covshift.nn.NonFiniteBatchWarning`. Default ``False``.
+
+    Raises:
+        ValueError: ``virtual_batch_size`` not a positive int; and as ``covshift.nn.BatchNorm*`` for the
+            input (rank, one value per channel, channel count).
+"""
+
+
+class _GhostBatchNormMixin:
+    """The ghost-batch forward shared by GhostBatchNorm1d/2d. Placed first in the MRO."""
+
+    def __init__(
+        self,
+        num_features: int,
+        virtual_batch_size: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        bias: bool = True,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
+            raise ValueError(
+                f"{type(self).__name__} expected virtual_batch_size to be a positive int (samples per ghost "
+                f"batch), got {virtual_batch_size!r}. Pass e.g. virtual_batch_size=32."
+            )
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, skip_nonfinite=skip_nonfinite
+        )
+        self.virtual_batch_size = virtual_batch_size
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
+
+    def _ghost_sizes(self, input: Tensor) -> list[int]:
+        n, vbs = input.shape[0], self.virtual_batch_size
+        per_sample = input[0].numel() // input.shape[1]  # values per channel in one sample
+        if vbs * per_sample == 1:
+            raise ValueError(
+                f"{type(self).__name__}(virtual_batch_size=1) on input of shape {list(input.shape)} gives ghost "
+                "batches of one value per channel, whose variance is zero by construction. Use "
+                "virtual_batch_size >= 2."
+            )
+        sizes = [vbs] * (n // vbs) + ([n % vbs] if n % vbs else [])
+        if len(sizes) > 1 and sizes[-1] * per_sample == 1:  # a lone value per channel: join the previous batch
+            sizes[-2:] = [sizes[-2] + sizes[-1]]
+        return sizes
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_channels(input)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        if not use_batch_stats or input.shape[0] <= self.virtual_batch_size or input.numel() == 0:
+            return super().forward(input)  # one ghost batch (or inference): plain BatchNorm
+        sizes = self._ghost_sizes(input)
+        chunks = input.split(sizes)
+        with torch.no_grad():
+            stats = [batch_stats(chunk.detach()) for chunk in chunks]
+        outs = [
+            BatchNormFunction.apply(chunk, self.weight, self.bias, mean, torch.rsqrt(var + self.eps), True, self.eps)
+            for chunk, (mean, var) in zip(chunks, stats)
+        ]
+        if self.training and self.track_running_stats and not self._nonfinite_batch(input):
+            momentum = 0.0 if self.momentum is None else self.momentum
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            with torch.no_grad():
+                counts = [c.numel() // c.shape[1] for c in chunks]  # m_k, values per channel
+                m = torch.tensor(counts, dtype=stats[0][0].dtype, device=input.device).unsqueeze(1)
+                means = torch.stack([s[0] for s in stats])  # (K, C)
+                vars_ = torch.stack([s[1] for s in stats])
+                total = float(sum(counts))  # M
+                mean = (m * means).sum(0) / total
+                within = (m * vars_).sum(0) / total  # biased, within ghost batches
+            # update_running_stats applies n/(n-1); with n = M/K that is M/(M-K): the pooled unbiased variance.
+            update_running_stats(self.running_mean, self.running_var, mean, within, total / len(chunks), momentum)
+        return torch.cat(outs)
+
+
+class GhostBatchNorm1d(_GhostBatchNormMixin, BatchNorm1d):
+    __doc__ = "Ghost Batch Normalization over 2D ``(N, C)`` or 3D ``(N, C, L)`` input.\n" + _DOC
+
+
+class GhostBatchNorm2d(_GhostBatchNormMixin, BatchNorm2d):
+    __doc__ = "Ghost Batch Normalization over 4D ``(N, C, H, W)`` input.\n" + _DOC
