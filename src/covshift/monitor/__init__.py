@@ -1,0 +1,36 @@
+"""Instruments for internal covariate shift: an activation monitor, drift metrics, gradient ICS.
+
+* :class:`ActivationMonitor` / :class:`MonitorConfig`: record activation statistics of any
+  ``nn.Module`` while the user's loop trains it (``activations.py``, kernels in ``stats.py``);
+* :func:`load`: read a run directory back into the same views (``io.py``, ``records.py``);
+* :mod:`covshift.monitor.drift`: distributional ICS between checkpoints (pure functions);
+* :func:`gradient_ics`: Santurkar et al. 2018, Definition 2.1 (``gradient_ics.py``).
+"""
+
+from covshift.monitor import drift, stats
+from covshift.monitor.activations import ActivationMonitor, suspend_monitors
+from covshift.monitor.config import MonitorConfig
+from covshift.monitor.drift import layer_drift
+from covshift.monitor.gradient_ics import GradientICS, forward_order, gradient_ics
+from covshift.monitor.io import load
+from covshift.monitor.records import ChannelStats, Histograms, MonitorRecords
+from covshift.monitor.selection import ACTIVATION_TYPES, NORM_TYPES, select_modules
+
+__all__ = [
+    "ActivationMonitor",
+    "MonitorConfig",
+    "MonitorRecords",
+    "Histograms",
+    "ChannelStats",
+    "load",
+    "suspend_monitors",
+    "select_modules",
+    "ACTIVATION_TYPES",
+    "NORM_TYPES",
+    "drift",
+    "layer_drift",
+    "stats",
+    "gradient_ics",
+    "forward_order",
+    "GradientICS",
+]
