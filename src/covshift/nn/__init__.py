@@ -4,7 +4,9 @@ from covshift.nn.batch_renorm import PAPER_SCHEDULE, BatchRenorm1d, BatchRenorm2
 from covshift.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, NonFiniteBatchWarning
 from covshift.nn.convert import convert
 from covshift.nn.frozen_batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze
+from covshift.nn.fuse import fuse_bn
 from covshift.nn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d
+from covshift.nn.stats import update_bn_stats
 from covshift.nn.sync_batchnorm import ProcessGroupError, SyncBatchNorm
 
 __all__ = [
@@ -27,4 +29,7 @@ __all__ = [
     "FrozenBatchNorm3d",
     "freeze",
     "unfreeze",
+    # tools
+    "update_bn_stats",
+    "fuse_bn",
 ]
