@@ -1,0 +1,5 @@
+import sys
+
+from covshift.cli import main
+
+sys.exit(main())
