@@ -30,8 +30,8 @@ generator (the global RNG is never touched).
 * histogram over fixed edges :math:`e_0 < \dots < e_B`: bins :math:`[e_k, e_{k+1})`, the last one
   closed, like ``numpy.histogram``; plus an underflow count (:math:`x < e_0`) and an overflow
   count (:math:`x > e_B`, NaN included), so the ``B + 2`` counts add up to :math:`n`;
-* saturated count :math:`\#\{|x| > t\}` and non-positive count :math:`\#\{x \le 0\}` (the values a
-  ReLU sets to exactly zero);
+* saturated count :math:`\#\{|x| > t\}` (NaN included) and non-positive count
+  :math:`\#\{x \le 0\}` (the values a ReLU sets to exactly zero);
 
 all by binary search (``searchsorted``) in the sorted rows, so one sort serves every statistic.
 """
@@ -168,6 +168,9 @@ def counts_sorted(
         ``[underflow, bin_0, ..., bin_{B-1}, overflow]`` (or ``None``); the others are ``(R,)``.
     """
     R, n = s.shape
+    # searchsorted assumes a total order; NaN (sorted last) would break it: search as +inf, so NaN
+    # counts as overflow and as saturated.
+    s = torch.nan_to_num(s, nan=math.inf, posinf=math.inf, neginf=-math.inf)
     t = torch.tensor([-threshold], dtype=s.dtype, device=s.device)
     left = t if edges is None else torch.cat([edges[:-1], t])
     right = torch.tensor([threshold, 0.0], dtype=s.dtype, device=s.device)
