@@ -22,8 +22,9 @@ The measures, for distributions :math:`P_r, P_t` with means :math:`\mu` and stds
 The mean shift uses the pooled std, so it is symmetric and reads like Cohen's d. :math:`W_1` is in
 the activation's units; it is computed exactly between the *histogram* distributions: each bin's
 mass spread uniformly over the bin, the underflow mass over ``[min, edges[0]]`` and the overflow
-mass over ``[edges[-1], max]`` (with the recorded min and max), so it approximates the true
-:math:`W_1` to within about a bin width. JS is over the ``B + 2`` fixed-edge bins, tails
+mass over ``[edges[-1], max]`` (with the recorded min and max). It approximates the true
+:math:`W_1` to within about a bin width when little mass falls in the tails; uniform tails
+overstate the spread of real ones, which thin out (a wider ``hist_range`` fixes that). JS is over the ``B + 2`` fixed-edge bins, tails
 included, with logarithms in base 2 by default, so :math:`0 \le \mathrm{JS} \le 1`. (SciPy's
 ``jensenshannon`` returns the JS *distance*, the square root of this divergence.)
 """
