@@ -23,7 +23,7 @@ from covshift.experiments import plots
 __all__ = ["build_report", "ReportError", "headline_numbers", "steps_to_reach"]
 
 FIGURES = {
-    "figure1.png": "Figure 1, reproduced. (a) Test accuracy over training. (b, c) The 15th, 50th and 85th percentiles of the input to one typical sigmoid of the last hidden layer over training, without and with BN, on one y-axis.",
+    "figure1.png": "Figure 1, reproduced. (a) Test accuracy over training. (b, c) The 15th, 50th and 85th percentiles of the input to one typical sigmoid of the last hidden layer over training, without and with BN, on one y-axis, measured on a fixed probe batch of held-out digits (in inference mode) at every record.",
     "heatmaps.png": "The distribution of every watched layer's input over training: each column is one recorded step's histogram (fixed bin edges for the whole run), colour is the count on a log scale.",
     "drift.png": "Drift of each layer's input distribution from its first record, by four measures (see the monitor's drift metrics). Solid and dashed lines are the layers; colour is the network.",
 }
@@ -54,7 +54,20 @@ def _accuracy(arm: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _unit_layers(monitor, layer: str) -> list[str]:
-    return [name for name in monitor.layers if name.startswith(layer + "[")]
+    """The single units of ``layer`` recorded one by one: on the fixed probe batch when there is one
+    (the same held-out inputs at every record, so the curves show the network changing, not the
+    batch), else on the training batches."""
+    units = [name for name in monitor.layers if name.startswith(layer + "[")]
+    probed = [u for u in units if u.endswith("@probe")]
+    return probed or [u for u in units if "@" not in u]
+
+
+def _unit_label(name: str) -> str:
+    """``"hidden3.act[4]@probe"`` -> ``"unit 4 of hidden3 (probe batch)"``."""
+    base, _, where = name.partition("@")
+    layer, _, unit = base.partition("[")
+    text = f"unit {unit.rstrip(']')} of {layer.removesuffix('.act')}" if unit else layer
+    return text + (" (probe batch)" if where == "probe" else "")
 
 
 def _typical_unit(monitor, layer: str) -> Optional[str]:
@@ -225,8 +238,8 @@ def build_report(run_dir: Union[str, Path]) -> dict[str, Any]:
         if unit:
             steps, _ = mon.series(unit, "p50")
             percentiles[a] = (steps, {k: mon.series(unit, k)[1] for k in ("p15", "p50", "p85")})
-            unit_labels[a] = unit
-        layers = [name for name in mon.layers if "[" not in name]
+            unit_labels[a] = _unit_label(unit)
+        layers = [name for name in mon.layers if "[" not in name and "@" not in name]
         hists[a] = {}
         for layer in layers:
             hh = mon.histograms(layer)

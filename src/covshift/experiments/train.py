@@ -100,6 +100,7 @@ def train_arm(
             channels={unit_layer: list(cfg.units)} if unit_layer else None,
         ),
         log_dir=arm_dir / "monitor",
+        probe=x_test[: cfg.probe_size] if cfg.probe_size else None,
         tensorboard=cfg.tensorboard,
         if_exists="overwrite",
     )
