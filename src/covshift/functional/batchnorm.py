@@ -22,7 +22,9 @@ Backward (sums over the same axes, ``invstd = 1/sqrt(var + eps)``):
 The module is a functional core: small pure functions (:func:`batch_stats`, :func:`normalize`,
 :func:`backward_reduce`, :func:`backward_elemt`, :func:`update_running_stats`) that every covshift
 normalization layer composes, and one :class:`BatchNormFunction` that wires them into autograd.
-None of them calls ATen's batch-norm kernels.
+None of them calls ATen's batch-norm kernels. They are the readable reference: on CPU float32,
+:func:`batch_norm` runs the same maths in a fused C++ kernel (:mod:`covshift.functional._fast`,
+chosen with ``covshift.functional.set_backend``), and falls back to this code wherever that cannot run.
 
 Numerics, decided here once for every layer:
 
@@ -38,6 +40,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from covshift.functional import _fast
 
 __all__ = [
     "batch_norm",
@@ -337,6 +341,8 @@ def batch_norm(
     acc = acc_dtype(input.dtype)
     if training:
         check_batch_size(input)
+        if _fast.accepts(input, running_mean, running_var, weight, bias):  # fused C++ kernel, same maths
+            return _fast.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
         if input.numel() == 0:
             # N = 0: nothing to normalize, and the running statistics stay as they are.
             mean = torch.zeros(channels, dtype=acc, device=input.device)
@@ -352,6 +358,8 @@ def batch_norm(
                 "batch_norm with training=False needs running_mean and running_var, got None. "
                 "Pass the running statistics, or training=True to use batch statistics."
             )
+        if _fast.accepts(input, running_mean, running_var, weight, bias):
+            return _fast.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
         mean = running_mean.detach().to(acc)
         invstd = torch.rsqrt(running_var.detach().to(acc) + eps)
     return BatchNormFunction.apply(input, weight, bias, mean, invstd, training, eps)
