@@ -173,3 +173,13 @@ def test_nonfinite_guard_skips_the_update_and_the_schedule_step():
     with pytest.warns(cnn.NonFiniteBatchWarning):
         layer(bad)
     assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+
+
+def test_without_running_statistics_it_is_batchnorm():
+    ours = cnn.BatchRenorm1d(3, track_running_stats=False, dtype=torch.float64)
+    ref = torch.nn.BatchNorm1d(3, track_running_stats=False, dtype=torch.float64)
+    _init(ref, torch.Generator().manual_seed(1))
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    for mode in (True, False):
+        torch.testing.assert_close(ours.train(mode)(x), ref.train(mode)(x), atol=1e-12, rtol=1e-12)

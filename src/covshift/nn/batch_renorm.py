@@ -7,7 +7,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from covshift.functional.batchnorm import BatchNormFunction, acc_dtype, batch_stats, check_batch_size, update_running_stats
+from covshift.functional.batchnorm import BatchNormFunction, acc_dtype, batch_stats, check_batch_size
+from covshift.nn._running import advance_running_stats
 from covshift.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "PAPER_SCHEDULE"]
@@ -75,6 +76,8 @@ _DOC = r"""
         r_relax_steps: steps after the warmup over which ``r_max`` grows linearly from 1. Default ``0``.
         d_relax_steps: steps after the warmup over which ``d_max`` grows linearly from 0. Default ``0``.
         device, dtype: as ``torch.nn.BatchNorm*``.
+        track_running_stats: keyword-only, as ``torch.nn.BatchNorm*``. Renormalization needs the running
+            statistics: without them (``False`` at construction) the layer is plain BatchNorm. Default ``True``.
         bias: keyword-only, as ``torch.nn.BatchNorm*``: with ``affine=True``, whether ``beta`` exists.
         skip_nonfinite: keyword-only; a training batch with NaN or inf does not update the running
             statistics (nor the schedule's step), with a :class:`covshift.nn.NonFiniteBatchWarning`.
@@ -107,6 +110,7 @@ class _BatchRenormMixin:
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
         *,
+        track_running_stats: bool = True,
         bias: bool = True,
         skip_nonfinite: bool = False,
     ) -> None:
@@ -117,7 +121,9 @@ class _BatchRenormMixin:
             raise ValueError(f"{owner} expected d_max >= 0 (d is clipped to [-d_max, d_max]), got {d_max!r}.")
         for name, value in (("warmup_steps", warmup_steps), ("r_relax_steps", r_relax_steps), ("d_relax_steps", d_relax_steps)):
             _check_nonneg_int(owner, name, value)
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype, bias=bias, skip_nonfinite=skip_nonfinite)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, skip_nonfinite=skip_nonfinite
+        )
         self.r_max = float(r_max)
         self.d_max = float(d_max)
         self.warmup_steps = warmup_steps
@@ -156,11 +162,7 @@ class _BatchRenormMixin:
             r = (running_invstd / invstd).clamp(1.0 / r_lim, r_lim)  # sigma_B / sigma
             d = ((mean - self.running_mean.to(acc)) * running_invstd).clamp(-d_lim, d_lim)
         if self.track_running_stats and not self._nonfinite_batch(input):
-            momentum = 0.0 if self.momentum is None else self.momentum
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            update_running_stats(self.running_mean, self.running_var, mean, var, input.numel() // input.shape[1], momentum)
+            advance_running_stats(self, mean, var, input.numel() // input.shape[1])
         if self.weight is None:  # gamma = 1, beta = 0
             weight, bias = r, d
         else:  # gamma * (x_hat_B * r + d) + beta

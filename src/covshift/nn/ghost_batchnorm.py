@@ -7,7 +7,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from covshift.functional.batchnorm import BatchNormFunction, batch_stats, update_running_stats
+from covshift.functional.batchnorm import BatchNormFunction, batch_stats
+from covshift.nn._running import advance_running_stats
 from covshift.nn.batchnorm import BatchNorm1d, BatchNorm2d
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d"]
@@ -116,10 +117,6 @@ class _GhostBatchNormMixin:
             for chunk, (mean, var) in zip(chunks, stats)
         ]
         if self.training and self.track_running_stats and not self._nonfinite_batch(input):
-            momentum = 0.0 if self.momentum is None else self.momentum
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             with torch.no_grad():
                 counts = [c.numel() // c.shape[1] for c in chunks]  # m_k, values per channel
                 m = torch.tensor(counts, dtype=stats[0][0].dtype, device=input.device).unsqueeze(1)
@@ -128,8 +125,8 @@ class _GhostBatchNormMixin:
                 total = float(sum(counts))  # M
                 mean = (m * means).sum(0) / total
                 within = (m * vars_).sum(0) / total  # biased, within ghost batches
-            # update_running_stats applies n/(n-1); with n = M/K that is M/(M-K): the pooled unbiased variance.
-            update_running_stats(self.running_mean, self.running_var, mean, within, total / len(chunks), momentum)
+            # The update applies n/(n-1) to the variance; with n = M/K that is M/(M-K): the pooled unbiased one.
+            advance_running_stats(self, mean, within, total / len(chunks))
         return torch.cat(outs)
 
 

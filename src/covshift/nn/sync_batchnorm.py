@@ -19,8 +19,8 @@ from covshift.functional.batchnorm import (
     batch_stats,
     centered,
     normalize,
-    update_running_stats,
 )
+from covshift.nn._running import advance_running_stats
 from covshift.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormMixin
 from covshift.nn.convert import _swap
 
@@ -228,11 +228,7 @@ class SyncBatchNorm(_BatchNormMixin, _BatchNorm):
 
         # Every process sees the same merged statistics, so they all agree on the guard and the update.
         if self.track_running_stats and not self._nonfinite_batch(torch.stack([mean, var])):
-            momentum = 0.0 if self.momentum is None else self.momentum
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            update_running_stats(self.running_mean, self.running_var, mean, var, count, momentum)
+            advance_running_stats(self, mean, var, count)
 
         invstd = torch.rsqrt(var + self.eps)
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, mean, invstd, count, group)

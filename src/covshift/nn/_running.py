@@ -1,0 +1,27 @@
+"""One training-step update of a BatchNorm layer's running statistics, shared by covshift's variants."""
+
+from __future__ import annotations
+
+from typing import Union
+
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from covshift.functional.batchnorm import update_running_stats
+
+
+def advance_running_stats(layer: _BatchNorm, mean: Tensor, var: Tensor, count: Union[int, float]) -> None:
+    r"""``num_batches_tracked += 1``, then ``running = (1 - m) * running + m * stat`` in place.
+
+    The rule of ``torch.nn.BatchNorm*`` and :class:`covshift.nn.BatchNorm*`: ``m`` is ``momentum``, or
+    ``1/num_batches_tracked`` (a cumulative average) when ``momentum`` is ``None``; ``var`` is the
+    biased variance of ``count`` values per channel, and ``running_var`` receives ``var * count/(count-1)``
+    (:func:`covshift.functional.batchnorm.update_running_stats`). Callers decide *whether* to update
+    (training, ``track_running_stats``, the non-finite guard).
+    """
+    momentum = 0.0 if layer.momentum is None else layer.momentum
+    if layer.num_batches_tracked is not None:
+        layer.num_batches_tracked.add_(1)
+        if layer.momentum is None:
+            momentum = 1.0 / float(layer.num_batches_tracked)
+    update_running_stats(layer.running_mean, layer.running_var, mean, var, count, momentum)
