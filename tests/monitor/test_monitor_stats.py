@@ -14,40 +14,54 @@ def _x(*shape, seed=0, dtype=torch.float32):
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
 
 
+def _moments(x, path):
+    """(mean, std, min, max, sample) from the hook (subsampled path) or from the sample at flush."""
+    if path == "hook":  # positions covering every value take the subsampling code path
+        r = stats.reduce(x, torch.arange(x.numel()))
+        m = [float(r.mean), float(r.sq_dev), float(r.min), float(r.max)]
+    else:
+        r = stats.reduce(x)
+        assert r.mean is None and r.min is None  # deferred to the flush
+        m = stats.moments_sorted(stats.sort_rows(r.sample[None]))[0].tolist()
+    return m[0], np.sqrt(m[1] / r.numel), m[2], m[3], r
+
+
 @pytest.mark.parametrize("shape", [(1,), (7,), (5, 13), (4, 3, 6, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_reduce_moments_equal_numpy(shape, dtype):
+@pytest.mark.parametrize("path", ["hook", "flush"])
+def test_moments_equal_numpy(shape, dtype, path):
     x = _x(*shape, dtype=dtype)
-    r = stats.reduce(x)
+    mean, std, mn, mx, r = _moments(x, path)
     v = x.numpy().astype(np.float64).ravel()
     tol = 1e-12 if dtype == torch.float64 else 1e-6
     assert r.numel == v.size
-    np.testing.assert_allclose(float(r.mean), v.mean(), rtol=tol, atol=tol)
-    np.testing.assert_allclose(np.sqrt(float(r.sq_dev) / r.numel), v.std(), rtol=tol, atol=tol)
-    assert float(r.min) == v.min() and float(r.max) == v.max()
+    np.testing.assert_allclose(mean, v.mean(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(std, v.std(), rtol=tol, atol=tol)
+    assert mn == v.min() and mx == v.max()
     np.testing.assert_array_equal(np.sort(r.sample.numpy()), np.sort(x.numpy().ravel()))
 
 
-def test_variance_does_not_cancel_for_large_mean():
+@pytest.mark.parametrize("path", ["hook", "flush"])
+def test_variance_does_not_cancel_for_large_mean(path):
     # E[x^2] - E[x]^2 in float32 loses every digit here; the two-pass form keeps them.
     x = 1000.0 + 0.01 * _x(10_000, seed=1)
-    r = stats.reduce(x)
     ref = x.numpy().astype(np.float64).std()
-    np.testing.assert_allclose(np.sqrt(float(r.sq_dev) / r.numel), ref, rtol=1e-3)
+    np.testing.assert_allclose(_moments(x, path)[1], ref, rtol=1e-3)
 
 
 def test_reduce_half_and_int_inputs_are_measured_in_float32():
     for x in (_x(50).half(), torch.arange(10)):
-        r = stats.reduce(x)
+        mean, _, _, _, r = _moments(x, "hook")
         assert r.mean.dtype == torch.float32 and r.sample.dtype == torch.float32
-        np.testing.assert_allclose(float(r.mean), x.double().mean().item(), rtol=1e-3)
+        np.testing.assert_allclose(mean, x.double().mean().item(), rtol=1e-3)
+        assert stats.reduce(x).sample.dtype == torch.float32
 
 
 def test_sample_is_a_copy_not_a_view():
     x = _x(100)
-    r = stats.reduce(x)
+    r, r_sub = stats.reduce(x), stats.reduce(x, torch.arange(100))
     x.zero_()  # an in-place op after the hook must not change what was measured
-    assert r.sample.abs().sum() > 0 and float(r.max) > 0
+    assert r.sample.abs().sum() > 0 and r_sub.sample.abs().sum() > 0 and float(r_sub.max) > 0
 
 
 def test_per_channel_moments_equal_numpy():
@@ -90,9 +104,29 @@ def test_percentiles_equal_numpy_linear(n):
 def test_sort_rows_matches_torch_sort_and_puts_nan_last():
     x = _x(4, 33)
     x[1, 5] = float("nan")
+    want = torch.sort(x, dim=1).values
     s = stats.sort_rows(x)
-    torch.testing.assert_close(s, torch.sort(x, dim=1).values, equal_nan=True)
-    assert torch.isnan(s[1, -1])
+    torch.testing.assert_close(s, want, equal_nan=True)
+    assert torch.isnan(s[1, -1]) and not torch.isnan(x[1, -1])  # x itself untouched
+    assert stats.sort_rows(x, inplace=True) is x
+    torch.testing.assert_close(x, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_moments_sorted_inplace_equals_copy(inplace):
+    s = stats.sort_rows(_x(3, 50))
+    ref = stats.moments_sorted(s.clone())
+    v = s.numpy().astype(np.float64)
+    got = stats.moments_sorted(s, inplace=inplace)
+    np.testing.assert_allclose(got[:, 0], v.mean(1), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got[:, 1], ((v - v.mean(1, keepdims=True)) ** 2).sum(1), rtol=1e-5)
+    np.testing.assert_array_equal(got[:, 2:], v[:, [0, -1]])
+    torch.testing.assert_close(got, ref)
+
+
+def _counts(s, edges, threshold):
+    probes = torch.tensor(stats.search_probes(edges, threshold, s.dtype), dtype=s.dtype)
+    return stats.counts_sorted(s, probes, None if edges is None else len(edges) - 1)
 
 
 def test_counts_equal_numpy_histogram_with_tails_and_fractions():
@@ -100,22 +134,22 @@ def test_counts_equal_numpy_histogram_with_tails_and_fractions():
     x[0, :5] = torch.tensor([-2.0, 3.0, -2.5, 0.0, 0.0])  # values exactly on edges and at 0
     edges_np = stats.fixed_edges(-2.0, 3.0, 10, torch.float32)
     s = stats.sort_rows(x)
-    hist, n_sat, n_nonpos = stats.counts_sorted(s, torch.tensor(edges_np, dtype=torch.float32), 2.5)
-    for row, h, ns, nz in zip(x.numpy(), hist.numpy(), n_sat.numpy(), n_nonpos.numpy()):
+    hist, n_sat, n_nonpos = _counts(s, edges_np, 2.5)
+    for row, h, ns, nz in zip(x.numpy(), hist, n_sat, n_nonpos):
         inner = np.histogram(row, edges_np)[0]
         want = np.concatenate([[(row < edges_np[0]).sum()], inner, [(row > edges_np[-1]).sum()]])
         np.testing.assert_array_equal(h, want)
         assert h.sum() == row.size
         assert ns == (np.abs(row) > 2.5).sum() and nz == (row <= 0).sum()
-    none_hist, n_sat2, _ = stats.counts_sorted(s, None, 2.5)
-    assert none_hist is None and torch.equal(n_sat2, n_sat)
+    none_hist, n_sat2, _ = _counts(s, None, 2.5)
+    assert none_hist is None and np.array_equal(n_sat2, n_sat)
 
 
 def test_nan_is_counted_as_overflow():
     x = torch.tensor([[0.5, float("nan"), -5.0]])
-    hist, _, _ = stats.counts_sorted(stats.sort_rows(x), torch.tensor([0.0, 1.0]), 3.0)
-    hist, n_sat, n_nonpos = stats.counts_sorted(stats.sort_rows(x), torch.tensor([0.0, 1.0]), 3.0)
+    hist, n_sat, n_nonpos = _counts(stats.sort_rows(x), np.array([0.0, 1.0]), 3.0)
     assert hist.tolist() == [[1, 1, 1]] and n_sat.tolist() == [2] and n_nonpos.tolist() == [1]
+    assert stats.search_sorted(stats.sort_rows(x), torch.tensor([np.inf])).tolist() == [[2]]
 
 
 def test_auto_edges_from_first_measurement():
@@ -130,6 +164,14 @@ def test_auto_edges_from_first_measurement():
     for row in (np.zeros(10, np.float32), np.full(3, np.nan, np.float32), np.full(4, 1e6, np.float32)):
         e = stats.auto_edges(row, 8, 0.5, torch.float32)
         assert np.all(np.isfinite(e)) and np.all(np.diff(e) > 0)
+
+
+def test_search_probes_are_next_values_above_for_inclusive_counts():
+    p = stats.search_probes(np.array([0.0, 1.0]), 2.0, torch.float32)
+    assert p[0] == 0.0 and p[2] == -2.0
+    assert p[1] == np.nextafter(np.float32(1), np.float32(2)) and p[3] == np.nextafter(np.float32(2), np.float32(3))
+    assert p[4] == np.nextafter(np.float32(0), np.float32(1)) > 0
+    assert stats.search_probes(None, 2.0, torch.float64).shape == (3,)
 
 
 def test_fixed_edges_rejects_a_range_too_narrow_for_the_dtype():

@@ -183,16 +183,41 @@ class ActivationMonitor:
         self._calls: dict[str, int] = {}
         self._pending: list[tuple[int, str, str, stats.Reduced]] = []  # (step, point, module, r)
         self._pending_steps = 0
+        self._attached = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._positions: dict[tuple[int, torch.device], Tensor] = {}
-        self._edge_tensors: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+        self._probe_tensors: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
         self._warned_idle = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self) -> "ActivationMonitor":
-        """Register the hooks (idempotent). Measures the probe batch if this step is armed."""
-        if self._handles:
+        """Start monitoring (idempotent). Measures the probe batch if this step is a checkpoint.
+
+        Hooks are registered only while a checkpoint step is armed (from the :meth:`step` call
+        that arms it to the next one), so the steps in between run at full speed.
+        """
+        if self._attached:
             return self
+        self._attached = True
+        self._write_meta()
+        if self._armed:
+            self._register()
+            if self._probe is not None:
+                self._run_probe()
+        return self
+
+    def detach(self) -> None:
+        """Stop monitoring and remove every hook. Recorded data stays available."""
+        self._unregister()
+        self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def _register(self) -> None:
+        if self._handles:
+            return
         mods = dict(self.model.named_modules())
         add = self._handles.append
         # The root's hooks open and close the measured window; the pre-hook goes first so that it
@@ -205,21 +230,12 @@ class ActivationMonitor:
             else:
                 add(mods[name].register_forward_hook(functools.partial(self._on_output, name)))
         add(self.model.register_forward_hook(self._root_exit, always_call=True))
-        self._write_meta()
-        if self._armed and self._probe is not None:
-            self._run_probe()
-        return self
 
-    def detach(self) -> None:
-        """Remove every hook this monitor registered. Recorded data stays available."""
+    def _unregister(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._recording = False
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
 
     def __enter__(self) -> "ActivationMonitor":
         return self.attach()
@@ -250,7 +266,7 @@ class ActivationMonitor:
 
     def step(self) -> None:
         """End the current optimizer step. Call once per step, after ``optimizer.step()``."""
-        if self._armed and self._handles and not self._warned_idle:
+        if self._armed and self._attached and not self._warned_idle:
             self._warned_idle = True
             warnings.warn(
                 f"ActivationMonitor: step {self._step} was a checkpoint but no forward of the "
@@ -264,8 +280,14 @@ class ActivationMonitor:
         self._armed = self._step % self.config.every == 0
         if self._pending_steps >= self.config.flush_every:
             self._flush(force_npz=False)
-        if self._armed and self._probe is not None and self._handles:
-            self._run_probe()
+        if not self._attached:
+            return
+        if self._armed:
+            self._register()
+            if self._probe is not None:
+                self._run_probe()
+        else:
+            self._unregister()
 
     def flush(self) -> None:
         """Move pending results to the host and write every file (histograms included)."""
@@ -366,12 +388,12 @@ class ActivationMonitor:
         rng = self.config.hist_range
         return rng.get(module) if isinstance(rng, Mapping) else rng
 
-    def _edge_tensor(self, point: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+    def _probes(self, point: str, dtype: torch.dtype, device: torch.device) -> Tensor:
         key = (point, dtype, device)
-        t = self._edge_tensors.get(key)
+        t = self._probe_tensors.get(key)
         if t is None:
-            t = torch.tensor(self._edges[point], dtype=dtype, device=device)
-            self._edge_tensors[key] = t
+            probes = stats.search_probes(self._edges[point], self.config.saturation_threshold, dtype)
+            t = self._probe_tensors[key] = torch.tensor(probes, dtype=dtype, device=device)
         return t
 
     def _flush(self, force_npz: bool) -> None:
@@ -403,58 +425,58 @@ class ActivationMonitor:
             for (point, r), s in zip(new.items(), firsts):
                 self._edges[point] = stats.auto_edges(s[0], cfg.hist_bins, cfg.hist_pad, r.sample.dtype)
 
-        # Group records that can be stacked: same point, same sample length and dtype.
+        # Group records that can be stacked: same point, sample length and dtype, and the same
+        # kind (moments from the hook, or from the sample when the sample is every value).
         groups: dict[tuple, list[int]] = {}
         for i, (_, point, _, r) in enumerate(pending):
-            key = (point, r.sample.numel(), r.sample.dtype, None if r.channel is None else r.channel[0].numel())
+            key = (
+                point, r.sample.numel(), r.sample.dtype, r.mean is None,
+                None if r.channel is None else r.channel[0].numel(),
+            )
             groups.setdefault(key, []).append(i)
 
         tensors: list[Tensor] = []
-        slots: list[tuple[list[int], int, bool]] = []  # (record indices, first tensor, has channel)
-        for (point, _, dtype, _), idx in groups.items():
+        for (point, _, _, exact, _), idx in groups.items():
             recs = [pending[i][3] for i in idx]
-            R = len(recs)
-            s = stats.sort_rows(torch.stack([r.sample for r in recs]))  # (R, n)
-            moments = torch.stack([t for r in recs for t in (r.mean, r.sq_dev, r.min, r.max)]).view(R, 4)
+            s = stats.sort_rows(torch.stack([r.sample for r in recs]), inplace=True)  # (R, n)
             pct = stats.percentiles_sorted(s, cfg.percentiles)  # (R, P)
-            edges = self._edge_tensor(point, s.dtype, s.device)
-            hist, n_sat, n_nonpos = stats.counts_sorted(s, edges, cfg.saturation_threshold)
-            slots.append((idx, len(tensors), recs[0].channel is not None))
-            tensors += [moments, pct, hist, torch.stack([n_sat, n_nonpos], 1)]  # type: ignore[list-item]
+            below = stats.search_sorted(s, self._probes(point, s.dtype, s.device))  # (R, B + 5)
+            if exact:  # last: it overwrites s
+                moments = stats.moments_sorted(s, inplace=True)
+            else:
+                moments = torch.stack([t for r in recs for t in (r.mean, r.sq_dev, r.min, r.max)])
+            tensors += [moments.view(len(recs), 4), pct, below]
             if recs[0].channel is not None:
                 tensors += [torch.stack([r.channel[k] for r in recs]) for k in range(3)]  # type: ignore[index]
-        host = stats.to_host(tensors)
+        host = iter(stats.to_host(tensors))
 
-        out: list[Optional[tuple]] = [None] * len(pending)
-        names = [f"p{q:g}" for q in cfg.percentiles]
-        for idx, first, has_channel in slots:
-            moments, pct, hist, fr = host[first : first + 4]
-            cm, cv, cx = host[first + 4 : first + 7] if has_channel else (None, None, None)
+        names = ["mean", "std", "min", "max", *(f"p{q:g}" for q in cfg.percentiles), "frac_saturated", "frac_zero"]
+        out: list[tuple] = [()] * len(pending)
+        for (_, k, _, _, channels), idx in groups.items():
+            moments, pct, below = (next(host) for _ in range(3))
+            hist, n_sat, n_nonpos = stats.counts_from_search(below, k, cfg.hist_bins)
+            numel = np.array([pending[i][3].numel for i in idx], dtype=np.float64)
+            cols = [
+                moments[:, 0], np.sqrt(np.maximum(moments[:, 1], 0) / numel), moments[:, 2], moments[:, 3],
+                *pct.T, n_sat / k, n_nonpos / k,
+            ]
+            row_names = names
+            ch_rows: list = [None] * len(idx)
+            if channels is not None:
+                cm, cv, cx = (next(host).astype(np.float64) for _ in range(3))
+                cols.append((cx <= 0).mean(axis=1))
+                row_names = row_names + ["frac_dead"]
+                ch_rows = list(zip(cm, np.sqrt(np.maximum(cv, 0))))
+            cols.append(numel)
+            row_names = row_names + ["numel"]
+            table = np.stack([np.asarray(c, dtype=np.float64) for c in cols], axis=1).tolist()  # (R, S)
             for j, i in enumerate(idx):
-                r = pending[i][3]
-                k = r.sample.numel()
-                sc: dict[str, float] = {
-                    "mean": float(moments[j, 0]),
-                    "std": math.sqrt(max(float(moments[j, 1]), 0.0) / r.numel),
-                    "min": float(moments[j, 2]),
-                    "max": float(moments[j, 3]),
-                }
-                sc.update(zip(names, map(float, pct[j])))
-                sc["frac_saturated"] = float(fr[j, 0]) / k
-                sc["frac_zero"] = float(fr[j, 1]) / k
-                ch = None
-                if has_channel:
-                    sc["frac_dead"] = float(np.mean(cx[j] <= 0))  # type: ignore[index]
-                    ch = (cm[j].astype(np.float64), np.sqrt(np.maximum(cv[j], 0)).astype(np.float64))  # type: ignore[index]
-                sc["numel"] = float(r.numel)
-                out[i] = (sc, hist[j].astype(np.int64), ch)
+                out[i] = (dict(zip(row_names, table[j])), hist[j], ch_rows[j])  # type: ignore[index]
 
         lines: list[str] = []
-        for (step, point, _, _), (sc, counts, ch) in zip(pending, out):  # type: ignore[misc]
+        for (step, point, _, _), (sc, counts, ch) in zip(pending, out):
             cmean, cstd = ch if ch is not None else (None, None)
-            self.records.add(
-                step, point, sc, counts=counts, edges=self._edges[point], channel_mean=cmean, channel_std=cstd
-            )
+            self.records.add(step, point, sc, counts=counts, edges=self._edges[point], channel_mean=cmean, channel_std=cstd)
             if self._jsonl is not None:
                 lines.append(io.record_line(step, point, sc, cmean, cstd))
             if self._tensorboard:
@@ -516,7 +538,7 @@ class ActivationMonitor:
         return self._ready().steps(layer)
 
     def __repr__(self) -> str:
-        state = "attached" if self._handles else "detached"
+        state = "attached" if self._attached else "detached"
         return (
             f"ActivationMonitor({type(self.model).__name__}, {len(self.modules)} layers, "
             f"every={self.config.every}, step={self._step}, {state})"
