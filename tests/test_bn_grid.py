@@ -5,6 +5,7 @@ gradients of input, weight and bias, running buffers and num_batches_tracked aft
 """
 
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ SHAPES = {
     "3d-channels_last": (torch.nn.BatchNorm3d, cnn.BatchNorm3d, (3, 5, 3, 4, 2), torch.channels_last_3d),
 }
 
-# (atol, rtol) per input dtype. bfloat16 has 8 bits of mantissa: one rounding of an O(1) output is ~4e-3.
+# (atol, rtol) per input dtype. bfloat16 keeps 8 significant bits: two implementations that round
+# different float32 values to it differ by an ulp, 2^-7 of the largest magnitude (see _close).
 TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 2e-2)}
 
 # (train?, input scale, input offset): several train steps in a row, eval in between, train again.
@@ -32,6 +34,8 @@ def _close(a, b, dtype, what):
     if a is None or b is None:
         assert a is None and b is None, f"{what}: one side is None"
         return
+    if dtype == torch.bfloat16 and b.numel():
+        atol = max(atol, 2.0**-7 * float(b.detach().double().abs().max()))
     assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} vs {b.dtype}"
     torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
@@ -50,7 +54,8 @@ def _pair(torch_cls, ours_cls, channels, param_dtype, **kw):
 def _run_case(shape_key, dtype, momentum, affine, track, toggle_tracking=False):
     torch_cls, ours_cls, shape, fmt = SHAPES[shape_key]
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    gen = torch.Generator().manual_seed(hash((shape_key, str(dtype), momentum, affine, track)) % 2**31)
+    # A stable seed per case (str hashes are salted per process, which made failures unreproducible).
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape_key, str(dtype), momentum, affine, track)).encode()))
     ref, ours = _pair(torch_cls, ours_cls, shape[1], param_dtype, momentum=momentum, affine=affine, track_running_stats=track)
     if toggle_tracking:  # switched off after construction: buffers kept, no longer updated
         ref.track_running_stats = ours.track_running_stats = False
