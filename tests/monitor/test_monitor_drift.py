@@ -102,8 +102,8 @@ def test_sequences_and_layer_drift_on_records():
     params = [(0.0, 1.0), (0.5, 1.0), (0.5, 2.0)]
     for step, (m, s) in zip((0, 10, 20), params):
         v = rng.normal(m, s, 50_000)
-        rec.add(step, "a", {"mean": v.mean(), "std": v.std(), "min": v.min(), "max": v.max(), "numel": v.size},
-                counts=_hist(v, edges), edges=edges)
+        names = ["mean", "std", "min", "max", "numel"]
+        rec.add("a", [step], names, [[v.mean(), v.std(), v.min(), v.max(), v.size]], counts=_hist(v, edges)[None], edges=edges)
     d = drift.layer_drift(rec, "a", "first")
     assert list(d["steps"]) == [0, 10, 20]
     np.testing.assert_allclose(d["mean_shift"], [0, 0.5, 0.5 / math.sqrt(2.5)], atol=0.02)

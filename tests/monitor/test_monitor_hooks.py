@@ -359,3 +359,31 @@ def test_views_flush_pending_results_and_config_object():
         mon.series("1", "p15")
     with pytest.raises(ValueError, match="layer"):
         mon.series("nope", "mean")
+
+
+def test_hooks_exist_only_on_checkpoint_steps():
+    torch.manual_seed(0)
+    model = mlp()
+    with ActivationMonitor(model, every=3) as mon:
+        seen = []
+        for t in range(7):
+            seen.append(bool(model[1]._forward_pre_hooks))
+            model(torch.randn(4, 20))
+            mon.step()
+    assert seen == [True, False, False, True, False, False, True]
+    assert list(mon.steps("1")) == [0, 3, 6]
+
+
+def test_changing_batch_size_keeps_records_in_step_order():
+    torch.manual_seed(0)
+    model = mlp()
+    ref = capture(model, ["1"])
+    sizes = [6, 4, 6, 4, 5]
+    with ActivationMonitor(model, every=1, flush_every=10) as mon:
+        for n in sizes:  # records of different sizes are reduced in separate groups
+            model(torch.randn(n, 20))
+            mon.step()
+    assert list(mon.steps("1")) == [0, 1, 2, 3, 4]
+    assert list(mon.histograms("1").numel) == [n * 16 for n in sizes]
+    for step in range(5):
+        assert_matches(mon, "1", step, ref["1"][step])

@@ -450,9 +450,10 @@ class ActivationMonitor:
                 tensors += [torch.stack([r.channel[k] for r in recs]) for k in range(3)]  # type: ignore[index]
         host = iter(stats.to_host(tensors))
 
-        names = ["mean", "std", "min", "max", *(f"p{q:g}" for q in cfg.percentiles), "frac_saturated", "frac_zero"]
-        out: list[tuple] = [()] * len(pending)
-        for (_, k, _, _, channels), idx in groups.items():
+        # Host side, vectorized per group; then one chunk per point, in recording order.
+        base = ["mean", "std", "min", "max", *(f"p{q:g}" for q in cfg.percentiles), "frac_saturated", "frac_zero"]
+        per_point: dict[str, list[tuple]] = {}
+        for (point, k, _, _, channels), idx in groups.items():
             moments, pct, below = (next(host) for _ in range(3))
             hist, n_sat, n_nonpos = stats.counts_from_search(below, k, cfg.hist_bins)
             numel = np.array([pending[i][3].numel for i in idx], dtype=np.float64)
@@ -460,31 +461,45 @@ class ActivationMonitor:
                 moments[:, 0], np.sqrt(np.maximum(moments[:, 1], 0) / numel), moments[:, 2], moments[:, 3],
                 *pct.T, n_sat / k, n_nonpos / k,
             ]
-            row_names = names
-            ch_rows: list = [None] * len(idx)
+            names = list(base)
+            cm = cs = None
             if channels is not None:
                 cm, cv, cx = (next(host).astype(np.float64) for _ in range(3))
+                cs = np.sqrt(np.maximum(cv, 0))
                 cols.append((cx <= 0).mean(axis=1))
-                row_names = row_names + ["frac_dead"]
-                ch_rows = list(zip(cm, np.sqrt(np.maximum(cv, 0))))
+                names.append("frac_dead")
             cols.append(numel)
-            row_names = row_names + ["numel"]
-            table = np.stack([np.asarray(c, dtype=np.float64) for c in cols], axis=1).tolist()  # (R, S)
-            for j, i in enumerate(idx):
-                out[i] = (dict(zip(row_names, table[j])), hist[j], ch_rows[j])  # type: ignore[index]
+            names.append("numel")
+            values = np.stack([np.asarray(c, dtype=np.float64) for c in cols], axis=1)  # (R, S)
+            per_point.setdefault(point, []).append((np.asarray(idx), names, values, hist, cm, cs))
 
-        lines: list[str] = []
-        for (step, point, _, _), (sc, counts, ch) in zip(pending, out):
-            cmean, cstd = ch if ch is not None else (None, None)
-            self.records.add(step, point, sc, counts=counts, edges=self._edges[point], channel_mean=cmean, channel_std=cstd)
-            if self._jsonl is not None:
-                lines.append(io.record_line(step, point, sc, cmean, cstd))
-            if self._tensorboard:
-                if self._tb is None:
-                    self._tb = io.TensorBoardWriter(self.log_dir)  # type: ignore[arg-type]
-                self._tb.write(step, point, sc, counts, self._edges[point])
+        lines: list[tuple[int, str]] = []
+        for point, parts in per_point.items():
+            idx = np.concatenate([p[0] for p in parts])
+            order = np.argsort(idx, kind="stable")
+            idx = idx[order]
+            names = parts[0][1]
+            values = np.concatenate([p[2] for p in parts])[order]
+            hist = np.concatenate([p[3] for p in parts])[order]
+            cm = None if parts[0][4] is None else np.concatenate([p[4] for p in parts])[order]
+            cs = None if parts[0][5] is None else np.concatenate([p[5] for p in parts])[order]
+            steps = [pending[i][0] for i in idx.tolist()]
+            self.records.add(
+                point, steps, names, values, counts=hist, edges=self._edges[point], channel_mean=cm, channel_std=cs
+            )
+            if self._jsonl is None and not self._tensorboard:
+                continue
+            for j, (i, step) in enumerate(zip(idx.tolist(), steps)):
+                sc = dict(zip(names, values[j].tolist()))
+                if self._jsonl is not None:
+                    c_m, c_s = (None, None) if cm is None else (cm[j], cs[j])  # type: ignore[index]
+                    lines.append((i, io.record_line(step, point, sc, c_m, c_s)))
+                if self._tensorboard:
+                    if self._tb is None:
+                        self._tb = io.TensorBoardWriter(self.log_dir)  # type: ignore[arg-type]
+                    self._tb.write(step, point, sc, hist[j], self._edges[point])
         if self._jsonl is not None:
-            self._jsonl.write(lines)
+            self._jsonl.write([line for _, line in sorted(lines)])
         self._npz_dirty = True
 
     def _write_meta(self) -> None:

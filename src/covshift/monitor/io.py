@@ -224,6 +224,8 @@ def load(log_dir: PathLike) -> MonitorRecords:
         declared = json.loads((d / META_NAME).read_text()).get("layers", [])
     records = MonitorRecords(declared)
 
+    # Group the lines into one chunk per layer and set of columns.
+    chunks: dict[tuple, list] = {}
     lines = jsonl.read_text(encoding="utf-8").splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
@@ -237,12 +239,16 @@ def load(log_dir: PathLike) -> MonitorRecords:
             raise
         step, layer = row.pop("step"), row.pop("layer")
         cm, cs = row.pop("channel_mean", None), row.pop("channel_std", None)
+        key = (layer, tuple(row), cm is not None)
+        chunks.setdefault(key, []).append((step, list(row.values()), cm, cs))
+    for (layer, names, has_channels), rows in chunks.items():
         records.add(
-            step,
             layer,
-            {k: float(v) for k, v in row.items()},
-            channel_mean=None if cm is None else np.asarray(cm, dtype=np.float64),
-            channel_std=None if cs is None else np.asarray(cs, dtype=np.float64),
+            [r[0] for r in rows],
+            names,
+            np.array([r[1] for r in rows], dtype=np.float64),
+            channel_mean=np.array([r[2] for r in rows]) if has_channels else None,
+            channel_std=np.array([r[3] for r in rows]) if has_channels else None,
         )
 
     npz = d / NPZ_NAME

@@ -2,11 +2,15 @@
 
 The same class serves a live :class:`~covshift.monitor.ActivationMonitor` and a run read back from
 disk by :func:`covshift.monitor.load`, so a report is built the same way from either.
+
+Storage is columnar: per layer, a list of NumPy chunks (one per flush) that the views concatenate
+on demand, so a long run at ``every=1`` keeps a few arrays per layer rather than millions of
+Python objects.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -52,12 +56,19 @@ class ChannelStats:
 
 
 @dataclass
-class _Record:
-    step: int
-    scalars: dict[str, float]
-    counts: Optional[np.ndarray] = None  # (B + 2,)
-    channel_mean: Optional[np.ndarray] = None  # (C,)
-    channel_std: Optional[np.ndarray] = None  # (C,)
+class _Chunk:
+    steps: np.ndarray  # (R,) int64
+    names: tuple[str, ...]  # S scalar names
+    values: np.ndarray  # (R, S) float64
+    counts: Optional[np.ndarray] = None  # (R, B + 2) int64
+    channel_mean: Optional[np.ndarray] = None  # (R, C)
+    channel_std: Optional[np.ndarray] = None  # (R, C)
+
+
+@dataclass
+class _Layer:
+    chunks: list[_Chunk] = field(default_factory=list)
+    edges: Optional[np.ndarray] = None
 
 
 class MonitorRecords:
@@ -70,45 +81,61 @@ class MonitorRecords:
 
     def __init__(self, layers: Iterable[str] = ()) -> None:
         self._declared: list[str] = list(dict.fromkeys(layers))
-        self._records: dict[str, list[_Record]] = {}
-        self._edges: dict[str, np.ndarray] = {}
-        self._order: list[tuple[str, int]] = []  # (layer, index) in insertion order, for table()
+        self._layers: dict[str, _Layer] = {}
 
     # -- writing ---------------------------------------------------------------------------
+    def declare(self, layers: Iterable[str]) -> None:
+        """Put ``layers`` first in :attr:`layers` (in this order), before the others seen."""
+        self._declared = list(dict.fromkeys([*layers, *self.layers]))
+
     def add(
         self,
-        step: int,
         layer: str,
-        scalars: dict[str, float],
+        steps: Sequence[int],
+        names: Sequence[str],
+        values: np.ndarray,
         *,
         counts: Optional[np.ndarray] = None,
         edges: Optional[np.ndarray] = None,
         channel_mean: Optional[np.ndarray] = None,
         channel_std: Optional[np.ndarray] = None,
     ) -> None:
-        """Append one measurement. ``edges`` must be given with the first ``counts`` of a layer."""
-        if counts is not None:
-            if edges is not None:
-                self._edges.setdefault(layer, np.asarray(edges, dtype=np.float64))
-            assert layer in self._edges, "histogram counts recorded before the layer's edges"
-        recs = self._records.setdefault(layer, [])
-        recs.append(_Record(int(step), dict(scalars), counts, channel_mean, channel_std))
-        self._order.append((layer, len(recs) - 1))
+        """Append ``R`` measurements of one layer.
 
-    def declare(self, layers: Iterable[str]) -> None:
-        """Put ``layers`` first in :attr:`layers` (in this order), before the others seen."""
-        self._declared = list(dict.fromkeys([*layers, *self.layers]))
+        Args:
+            steps: ``(R,)``; names: the ``S`` scalar names; values: ``(R, S)``.
+            counts: ``(R, B + 2)`` histograms, with ``edges`` ``(B + 1,)`` (fixed per layer: only
+                the first edges given are kept).
+            channel_mean, channel_std: ``(R, C)``.
+        """
+        lay = self._layers.setdefault(layer, _Layer())
+        if edges is not None and lay.edges is None:
+            lay.edges = np.asarray(edges, dtype=np.float64)
+        assert counts is None or lay.edges is not None, "histogram counts without edges"
+        values = np.asarray(values, dtype=np.float64).reshape(len(steps), len(names))
+        lay.chunks.append(
+            _Chunk(
+                np.asarray(steps, dtype=np.int64), tuple(names), values,
+                None if counts is None else np.asarray(counts, dtype=np.int64),
+                None if channel_mean is None else np.asarray(channel_mean, dtype=np.float64),
+                None if channel_std is None else np.asarray(channel_std, dtype=np.float64),
+            )
+        )
 
     def attach_histograms(
         self, layer: str, steps: Sequence[int], counts: np.ndarray, edges: np.ndarray
     ) -> None:
-        """Set the histograms of existing records (reading a run back); unknown steps are skipped."""
-        by_step = {r.step: r for r in self._records.get(layer, ())}
-        self._edges.setdefault(layer, np.asarray(edges, dtype=np.float64))
-        for step, c in zip(steps, counts):
-            rec = by_step.get(int(step))
-            if rec is not None:
-                rec.counts = np.asarray(c, dtype=np.int64)
+        """Set the histograms of existing measurements (reading a run back); unknown steps skipped."""
+        lay = self._layers.get(layer)
+        if lay is None:
+            return
+        lay.edges = np.asarray(edges, dtype=np.float64)
+        row = {int(s): c for s, c in zip(steps, np.asarray(counts, dtype=np.int64))}
+        width = len(lay.edges) + 1
+        for ch in lay.chunks:
+            found = [int(s) in row for s in ch.steps]
+            if any(found):
+                ch.counts = np.stack([row.get(int(s), np.full(width, -1)) for s in ch.steps])
 
     # -- reading ---------------------------------------------------------------------------
     @property
@@ -116,12 +143,11 @@ class MonitorRecords:
         """Every layer name: the declared ones first (watched modules, channel extras, probe
         variants), then any seen while recording (extra calls), in first-seen order."""
         declared = set(self._declared)
-        seen = [n for n in self._records if n not in declared]
-        return self._declared + seen
+        return self._declared + [n for n in self._layers if n not in declared]
 
-    def _get(self, layer: str) -> list[_Record]:
-        if layer in self._records:
-            return self._records[layer]
+    def _get(self, layer: str) -> list[_Chunk]:
+        if layer in self._layers:
+            return self._layers[layer].chunks
         if layer in self._declared:
             return []
         shown = ", ".join(repr(n) for n in self.layers) or "(none yet)"
@@ -129,13 +155,14 @@ class MonitorRecords:
 
     def steps(self, layer: str) -> np.ndarray:
         """``(T,)`` steps at which ``layer`` was recorded."""
-        return np.array([r.step for r in self._get(layer)], dtype=np.int64)
+        chunks = self._get(layer)
+        return np.concatenate([c.steps for c in chunks]) if chunks else np.zeros(0, np.int64)
 
     def stats(self, layer: str) -> list[str]:
         """Names of the scalar statistics recorded for ``layer``."""
         names: dict[str, None] = {}
-        for r in self._get(layer):
-            names.update(dict.fromkeys(r.scalars))
+        for c in self._get(layer):
+            names.update(dict.fromkeys(c.names))
         return list(names)
 
     def series(self, layer: str, stat: str) -> tuple[np.ndarray, np.ndarray]:
@@ -144,77 +171,81 @@ class MonitorRecords:
         ``stat`` is a scalar name (``"mean"``, ``"p15"``, ``"frac_saturated"``, ...) or, with
         ``per_channel=True``, ``"channel_mean[c]"`` / ``"channel_std[c]"``.
         """
-        recs = self._get(layer)
+        chunks = self._get(layer)
         if stat.startswith(("channel_mean[", "channel_std[")) and stat.endswith("]"):
             kind, c = stat[:-1].split("[")
-            arr = [(r.step, getattr(r, kind)) for r in recs if getattr(r, kind) is not None]
-            steps = np.array([s for s, _ in arr], dtype=np.int64)
-            return steps, np.array([a[int(c)] for _, a in arr], dtype=np.float64)
-        pairs = [(r.step, r.scalars[stat]) for r in recs if stat in r.scalars]
-        if recs and not pairs:
-            raise ValueError(
-                f"stat: expected one of {self.stats(layer)} for layer {layer!r}, got {stat!r}."
-            )
-        return (
-            np.array([s for s, _ in pairs], dtype=np.int64),
-            np.array([v for _, v in pairs], dtype=np.float64),
-        )
+            parts = [(ch.steps, getattr(ch, kind)[:, int(c)]) for ch in chunks if getattr(ch, kind) is not None]
+        else:
+            parts = [(ch.steps, ch.values[:, ch.names.index(stat)]) for ch in chunks if stat in ch.names]
+            if chunks and not parts:
+                raise ValueError(
+                    f"stat: expected one of {self.stats(layer)} for layer {layer!r}, got {stat!r}."
+                )
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def histograms(self, layer: str) -> Histograms:
         """The layer's histograms over time on its fixed edges (see :class:`Histograms`)."""
-        recs = [r for r in self._get(layer) if r.counts is not None]
-        edges = self._edges.get(layer, np.zeros(0))
-        width = len(edges) + 1 if len(edges) else 0  # B + 2 counts for B + 1 edges
-        return Histograms(
-            steps=np.array([r.step for r in recs], dtype=np.int64),
-            edges=edges,
-            counts=np.array([r.counts for r in recs], dtype=np.int64).reshape(len(recs), width),
-            numel=np.array([r.scalars.get("numel", np.nan) for r in recs]).astype(np.int64),
-        )
+        chunks = [c for c in self._get(layer) if c.counts is not None]
+        lay = self._layers.get(layer)
+        edges = lay.edges if lay is not None and lay.edges is not None else np.zeros(0)
+        if not chunks:
+            return Histograms(np.zeros(0, np.int64), edges, np.zeros((0, max(len(edges) + 1, 0)), np.int64), np.zeros(0, np.int64))
+        steps = np.concatenate([c.steps for c in chunks])
+        counts = np.concatenate([c.counts for c in chunks])  # type: ignore[misc]
+        numel = np.concatenate(
+            [c.values[:, c.names.index("numel")] if "numel" in c.names else c.counts.sum(1) for c in chunks]  # type: ignore[union-attr]
+        ).astype(np.int64)
+        keep = counts[:, 0] >= 0  # rows of steps whose histogram was never written (-1)
+        return Histograms(steps[keep], edges, counts[keep], numel[keep])
 
     def channel_stats(self, layer: str) -> ChannelStats:
         """Per-channel mean and std over time (recorded with ``per_channel=True``)."""
-        recs = [r for r in self._get(layer) if r.channel_mean is not None]
-        if not recs:
+        chunks = [c for c in self._get(layer) if c.channel_mean is not None]
+        if not chunks:
             return ChannelStats(np.zeros(0, np.int64), np.zeros((0, 0)), np.zeros((0, 0)))
         return ChannelStats(
-            steps=np.array([r.step for r in recs], dtype=np.int64),
-            mean=np.stack([r.channel_mean for r in recs]).astype(np.float64),
-            std=np.stack([r.channel_std for r in recs]).astype(np.float64),
+            steps=np.concatenate([c.steps for c in chunks]),
+            mean=np.concatenate([c.channel_mean for c in chunks]),  # type: ignore[misc]
+            std=np.concatenate([c.channel_std for c in chunks]),  # type: ignore[misc]
         )
 
     def table(
         self, layers: Optional[Sequence[str]] = None, stats: Optional[Sequence[str]] = None
     ) -> list[dict]:
-        """Tidy rows ``{"step", "layer", "stat", "value"}``, one per scalar, in recording order.
+        """Tidy rows ``{"step", "layer", "stat", "value"}``, one per scalar, by step then layer.
 
         Per-channel values appear as stats ``"channel_mean[c]"`` and ``"channel_std[c]"``.
         ``layers`` / ``stats`` keep only those (``pandas.DataFrame(mon.table())`` works as is).
         """
-        keep_l = None if layers is None else set(layers)
         keep_s = None if stats is None else set(stats)
-        rows: list[dict] = []
-        for layer, i in self._order:
-            if keep_l is not None and layer not in keep_l:
-                continue
-            r = self._records[layer][i]
-            items = list(r.scalars.items())
-            for kind, arr in (("channel_mean", r.channel_mean), ("channel_std", r.channel_std)):
-                if arr is not None:
-                    items += [(f"{kind}[{c}]", float(v)) for c, v in enumerate(arr)]
-            rows += [
-                {"step": r.step, "layer": layer, "stat": k, "value": float(v)}
-                for k, v in items
-                if keep_s is None or k in keep_s
-            ]
-        return rows
+        order = {n: i for i, n in enumerate(self.layers)}
+        per_record = []  # (step, layer rank, layer, [(stat, value), ...])
+        for layer in self.layers if layers is None else layers:
+            for ch in self._get(layer):
+                names = list(ch.names)
+                for j, step in enumerate(ch.steps.tolist()):
+                    items = list(zip(names, ch.values[j].tolist()))
+                    for kind in ("channel_mean", "channel_std"):
+                        arr = getattr(ch, kind)
+                        if arr is not None:
+                            items += [(f"{kind}[{c}]", v) for c, v in enumerate(arr[j].tolist())]
+                    per_record.append((step, order[layer], layer, items))
+        per_record.sort(key=lambda r: (r[0], r[1]))
+        return [
+            {"step": step, "layer": layer, "stat": k, "value": float(v)}
+            for step, _, layer, items in per_record
+            for k, v in items
+            if keep_s is None or k in keep_s
+        ]
 
     def histogram_layers(self) -> list[str]:
         """Layers that have at least one histogram."""
-        return [n for n in self.layers if any(r.counts is not None for r in self._records.get(n, ()))]
+        return [n for n in self.layers if len(self.histograms(n).steps)]
 
     def __len__(self) -> int:
-        return len(self._order)
+        return sum(len(c.steps) for lay in self._layers.values() for c in lay.chunks)
 
     def __repr__(self) -> str:
         return f"MonitorRecords({len(self.layers)} layers, {len(self)} records)"
