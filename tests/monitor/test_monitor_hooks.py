@@ -328,6 +328,10 @@ def test_probe_batch_is_recorded_and_leaves_training_unchanged():
         assert list(mon.steps("3@probe")) == [0, 2, 4] and list(mon.steps("3")) == [0, 2, 4]
     # After 4 steps the probe of step 4 ran on the final weights: compare with a direct forward.
     model, mon = run(probe, "eval", steps=4)
+    assert mon.global_step == 4 and list(mon.steps("3@probe")) == [0, 2, 4]
+    with mon:  # re-attaching at the same checkpoint does not measure the probe twice
+        pass
+    assert list(mon.steps("3@probe")) == [0, 2, 4]
     ref = capture(model.eval(), ["3"])
     with torch.no_grad():
         model(probe)

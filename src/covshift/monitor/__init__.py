@@ -10,7 +10,7 @@
 from covshift.monitor import drift, stats
 from covshift.monitor.activations import ActivationMonitor, suspend_monitors
 from covshift.monitor.config import MonitorConfig
-from covshift.monitor.drift import layer_drift
+from covshift.monitor.drift import drift_table, layer_drift
 from covshift.monitor.gradient_ics import GradientICS, forward_order, gradient_ics
 from covshift.monitor.io import load
 from covshift.monitor.records import ChannelStats, Histograms, MonitorRecords
@@ -29,6 +29,7 @@ __all__ = [
     "NORM_TYPES",
     "drift",
     "layer_drift",
+    "drift_table",
     "stats",
     "gradient_ics",
     "forward_order",

@@ -18,9 +18,14 @@ accumulation, evaluation) are not recorded. Results wait on the device and move 
 batch every ``flush_every`` recorded steps, when :meth:`~ActivationMonitor.flush` is called, when a
 view (``table``, ``series``, ...) is read, or on leaving the ``with`` block.
 
+Hooks exist only during armed steps: :meth:`~ActivationMonitor.step` registers them when it arms a
+checkpoint and removes them at the next call, so the steps in between cost nothing.
+
 A module called several times in one forward (shared weights, one activation module reused) is
-recorded per call: ``"act"``, ``"act#1"``, ``"act#2"``, ... Statistics are per process: under data
-parallelism each rank measures its own shard and nothing is reduced across ranks.
+recorded per call: ``"act"``, ``"act#1"``, ``"act#2"``, ... Only modules are seen: an activation
+called as a function (``torch.sigmoid`` inside ``forward``) is watched through the module before it
+with ``point="output"``. Statistics are per process: under data parallelism each rank measures its
+own shard and nothing is reduced across ranks.
 """
 
 from __future__ import annotations
@@ -188,6 +193,7 @@ class ActivationMonitor:
         self._positions: dict[tuple[int, torch.device], Tensor] = {}
         self._probe_tensors: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
         self._warned_idle = False
+        self._probed_step: Optional[int] = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self) -> "ActivationMonitor":
@@ -202,8 +208,7 @@ class ActivationMonitor:
         self._write_meta()
         if self._armed:
             self._register()
-            if self._probe is not None:
-                self._run_probe()
+            self._maybe_probe()
         return self
 
     def detach(self) -> None:
@@ -284,8 +289,7 @@ class ActivationMonitor:
             return
         if self._armed:
             self._register()
-            if self._probe is not None:
-                self._run_probe()
+            self._maybe_probe()
         else:
             self._unregister()
 
@@ -366,6 +370,11 @@ class ActivationMonitor:
         return stats.reduce(x, positions, per_channel)
 
     # -- probe -----------------------------------------------------------------------------
+    def _maybe_probe(self) -> None:
+        if self._probe is not None and self._probed_step != self._step:
+            self._probed_step = self._step  # once per checkpoint, even if re-attached
+            self._run_probe()
+
     def _run_probe(self) -> None:
         model = self.model
         modes = {m: m.training for m in model.modules()}
