@@ -635,20 +635,26 @@ std::tuple<Tensor, Tensor, Tensor> fwd_train(const Tensor& x, const OptTensor& w
   return {y, mean, invstd};
 }
 
-Tensor fwd_eval(const Tensor& x, const Tensor& mean, const Tensor& invstd, const OptTensor& weight,
-                const OptTensor& bias) {
+// Inference: normalizes with given statistics (the running ones); returns (y, invstd), with
+// invstd = 1 / sqrt(var + eps) for the backward.
+std::tuple<Tensor, Tensor> fwd_eval(const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                                    const OptTensor& bias, double eps) {
   check_input(x);
   const Geometry g = geometry_of(x);
   Tensor y = at::empty_like(x);
-  if (x.numel() == 0) return y;
+  Tensor invstd = stats_like(x, g.C);
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const auto st = x.scalar_type();
+    const scalar_t* v = param_ptr<scalar_t>(var, g, st, "var");
+    scalar_t* is = invstd.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < g.C; ++c) is[c] = scalar_t(1.0 / std::sqrt(double(v[c]) + eps));
+    if (x.numel() == 0) return;
     normalize_kernel<scalar_t>(g, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-                               param_ptr<scalar_t>(mean, g, st, "mean"), param_ptr<scalar_t>(invstd, g, st, "invstd"),
-                               param_ptr<scalar_t>(weight, g, st, "weight"), param_ptr<scalar_t>(bias, g, st, "bias"));
+                               param_ptr<scalar_t>(mean, g, st, "mean"), is, param_ptr<scalar_t>(weight, g, st, "weight"),
+                               param_ptr<scalar_t>(bias, g, st, "bias"));
   });
-  return y;
+  return {y, invstd};
 }
 
 // Returns (dx, dgamma, dbeta); a gradient that was not asked for is an empty tensor.
@@ -692,7 +698,7 @@ TORCH_LIBRARY(covshift_fast, m) {
   m.def(
       "fwd_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "float momentum, float eps) -> (Tensor, Tensor, Tensor)");
-  m.def("fwd_eval(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias) -> Tensor");
+  m.def("fwd_eval(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)");
   m.def(
       "bwd(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, bool training, bool need_input, "
       "bool need_params) -> (Tensor, Tensor, Tensor)");

@@ -86,6 +86,19 @@ def _backend_from_env() -> Backend:
     return value  # type: ignore[return-value]
 
 
+class _Ops:
+    """The kernel's operators (torch.ops.covshift_fast.*.default), looked up once after loading."""
+
+    fwd_train = fwd_eval = bwd = None
+
+    def bind(self) -> None:
+        ns = torch.ops.covshift_fast
+        self.fwd_train, self.fwd_eval, self.bwd = ns.fwd_train.default, ns.fwd_eval.default, ns.bwd.default
+
+
+_ops = _Ops()
+
+
 class _State:
     def __init__(self) -> None:
         self.backend: Backend = _backend_from_env()
@@ -240,8 +253,10 @@ def build() -> bool:
         try:
             if not _ops_registered():
                 _state.library = _compile()
-            _state.loaded = _ops_registered()
-            if not _state.loaded:
+            if _ops_registered():
+                _ops.bind()
+                _state.loaded = True
+            else:
                 _state.error = "the compiled library did not register torch.ops.covshift_fast"
         except Exception as error:  # noqa: BLE001 - any failure means: use the reference path
             _state.error = f"the fast CPU kernel could not be built or loaded ({_short(error)}); build folder {build_directory()}"
@@ -317,6 +332,14 @@ def accepts(
     return True
 
 
+def _forward(input, weight, bias, running_mean, running_var, training: bool, momentum: float, eps: float):
+    """(y, mean, invstd) from the kernel; in training it also updates the running buffers in place."""
+    if training:  # statistics, running update and y in one sweep
+        return _ops.fwd_train(input, weight, bias, running_mean, running_var, momentum, eps)
+    y, invstd = _ops.fwd_eval(input, running_mean, running_var, weight, bias, eps)
+    return y, running_mean, invstd
+
+
 class FastBatchNormFunction(torch.autograd.Function):
     """The fast path in autograd: the fused kernels forward and backward, the reference for double backward.
 
@@ -327,12 +350,7 @@ class FastBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training: bool, momentum: float, eps: float):
-        ops = torch.ops.covshift_fast
-        if training:  # statistics, running update and y in one sweep
-            y, mean, invstd = ops.fwd_train(input, weight, bias, running_mean, running_var, momentum, eps)
-        else:
-            mean, invstd = running_mean, torch.rsqrt(running_var + eps)
-            y = ops.fwd_eval(input, mean, invstd, weight, bias)
+        y, mean, invstd = _forward(input, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.training = training
         ctx.eps = eps
@@ -353,15 +371,17 @@ class FastBatchNormFunction(torch.autograd.Function):
         fmt = _memory_format(input)
         if grad_output.dtype != input.dtype or not grad_output.is_contiguous(memory_format=fmt):
             grad_output = grad_output.to(input.dtype).contiguous(memory_format=fmt)
-        dx, dgamma, dbeta = torch.ops.covshift_fast.bwd(
-            grad_output, input, mean, invstd, weight, ctx.training, need_input, need_weight or need_bias
-        )
+        dx, dgamma, dbeta = _ops.bwd(grad_output, input, mean, invstd, weight, ctx.training, need_input, need_weight or need_bias)
         return (
             dx if need_input else None,
             dgamma if need_weight else None,
             dbeta if need_bias else None,
             *nones,
         )
+
+
+def _needs_graph(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def batch_norm(
@@ -376,7 +396,10 @@ def batch_norm(
 ) -> Tensor:
     """:func:`covshift.functional.batch_norm` on the fast path; the caller has validated the arguments
     and checked :func:`accepts`. Updates the running buffers in place in training."""
-    return FastBatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, float(momentum), float(eps))
+    momentum, eps = float(momentum), float(eps)
+    if _needs_graph(input, weight, bias):
+        return FastBatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    return _forward(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]  # no graph to record
 
 
 def main() -> int:
