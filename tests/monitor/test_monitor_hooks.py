@@ -181,6 +181,22 @@ def test_no_grad_forwards_are_recorded():
     assert_matches(mon, "1", 0, ref["1"][0])
 
 
+def test_inference_mode_forwards_are_recorded_and_flush_restores_threads():
+    torch.manual_seed(0)
+    model = mlp()
+    ref = capture(model, ["1"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ActivationMonitor(model, every=1) as mon, torch.inference_mode():
+            model(torch.randn(4, 20))
+            mon.step()
+        assert torch.get_num_threads() == 2  # the flush runs on one thread, then restores
+    finally:
+        torch.set_num_threads(threads)
+    assert_matches(mon, "1", 0, ref["1"][0])
+
+
 def test_eval_forwards_are_not_recorded_unless_asked():
     torch.manual_seed(0)
     model = mlp().eval()
