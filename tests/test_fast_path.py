@@ -349,10 +349,12 @@ def test_auto_leaves_other_dtypes_to_the_reference_silently(fresh_warnings):
 def test_strided_float32_input_warns_once_and_matches_the_reference(fresh_warnings):
     base = torch.randn(8, 4, 10)
     x = base[:, :, ::2]  # neither contiguous nor channels_last
+    other = torch.randn(6, 3, 4, 5).transpose(2, 3)  # another shape, the same reason
     with use_backend("auto"):
         y, first = _warnings_of(lambda: batch_norm(x, None, None, training=True))
         _, second = _warnings_of(lambda: batch_norm(x, None, None, training=True))
-    assert len(first) == 1 and "channels_last" in str(first[0].message) and not second
+        _, third = _warnings_of(lambda: batch_norm(other, None, None, training=True))
+    assert len(first) == 1 and "channels_last" in str(first[0].message) and not second and not third
     with use_backend("reference"):
         torch.testing.assert_close(y, batch_norm(x, None, None, training=True))
 
