@@ -310,9 +310,14 @@ class ActivationMonitor:
         else:
             self._unregister()
 
-    def flush(self) -> None:
-        """Move pending results to the host and write every file (histograms included)."""
-        self._flush(force_npz=True)
+    def flush(self, write_histograms: bool = True) -> None:
+        """Move pending results to the host and write them out.
+
+        Args:
+            write_histograms: also rewrite ``histograms.npz`` now (it holds the whole run, so it is
+                otherwise rewritten at most every ``histogram_write_interval`` seconds).
+        """
+        self._flush(force_npz=write_histograms)
         if self._tb is not None:
             self._tb.flush()
 
