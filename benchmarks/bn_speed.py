@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -80,6 +81,20 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 7) -> float:
     return 2 * nbytes / t
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's C++ log lines (written straight to file descriptor 2)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def peak_extra_bytes(fn: Callable[[], None]) -> float | None:
     """Peak tensor memory allocated (net of frees) while ``fn`` runs, from the profiler's allocation events."""
     try:
@@ -87,7 +102,7 @@ def peak_extra_bytes(fn: Callable[[], None]) -> float | None:
         from torch.profiler import ProfilerActivity, profile
     except ImportError:
         return None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:

@@ -239,73 +239,127 @@ RowSplit split_rows(int64_t R, int64_t C, int64_t elem_size) {
   return {(R + per - 1) / per, per, block};
 }
 
-// Visits rows [r0, r1) four at a time: quad(r, c) for rows r..r+3 and a vector of channels from c,
-// quad_tail(r, c) for one channel, then one(r, c) / one_tail(r, c) for the leftover rows. Folding
-// four rows into one update loads and stores the per-channel accumulators once per four rows.
-template <typename T, typename Quad, typename QuadTail, typename One, typename OneTail>
-inline void over_rows(int64_t C, int64_t r0, int64_t r1, const Quad& quad, const QuadTail& quad_tail, const One& one,
-                      const OneTail& one_tail) {
-  constexpr int64_t L = Vec<T>::size();
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
+// Row kernels. Every pointer is a parameter, so it stays in a register: the SIMD stores go through
+// may-alias types, which would make the compiler reload pointers held in memory after each store.
+
+// For rows [0, rows) of x (row stride C): s1[c] = sum(x - K[c]) and, if kSquares, s2[c] = sum((x - K[c])^2).
+// Four rows per step, so the accumulators are loaded and stored once per four rows.
+template <typename T, bool kSquares>
+void block_shifted_sums(const T* x, int64_t C, int64_t rows, const T* K, T* s1, T* s2) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::size();
+  std::fill(s1, s1 + C, T(0));
+  if (kSquares) std::fill(s2, s2 + C, T(0));
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const T* p0 = x + r * C;
+    const T* p1 = p0 + C;
+    const T* p2 = p1 + C;
+    const T* p3 = p2 + C;
     int64_t c = 0;
-    for (; c + L <= C; c += L) quad(r, c);
-    for (; c < C; ++c) quad_tail(r, c);
+    for (; c + L <= C; c += L) {
+      const V k = V::loadu(K + c);
+      const V d0 = V::loadu(p0 + c) - k, d1 = V::loadu(p1 + c) - k, d2 = V::loadu(p2 + c) - k, d3 = V::loadu(p3 + c) - k;
+      (V::loadu(s1 + c) + ((d0 + d1) + (d2 + d3))).store(s1 + c);
+      if (kSquares) (V::loadu(s2 + c) + (at::vec::fmadd(d0, d0, d1 * d1) + at::vec::fmadd(d2, d2, d3 * d3))).store(s2 + c);
+    }
+    for (; c < C; ++c) {
+      const T d0 = p0[c] - K[c], d1 = p1[c] - K[c], d2 = p2[c] - K[c], d3 = p3[c] - K[c];
+      s1[c] += (d0 + d1) + (d2 + d3);
+      if (kSquares) s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    }
   }
-  for (; r < r1; ++r) {
+  for (; r < rows; ++r) {
+    const T* p = x + r * C;
     int64_t c = 0;
-    for (; c + L <= C; c += L) one(r, c);
-    for (; c < C; ++c) one_tail(r, c);
+    for (; c + L <= C; c += L) {
+      const V d = V::loadu(p + c) - V::loadu(K + c);
+      (V::loadu(s1 + c) + d).store(s1 + c);
+      if (kSquares) at::vec::fmadd(d, d, V::loadu(s2 + c)).store(s2 + c);
+    }
+    for (; c < C; ++c) {
+      const T d = p[c] - K[c];
+      s1[c] += d;
+      if (kSquares) s2[c] += d * d;
+    }
   }
 }
 
-// s1[c] = sum(x[r, c] - K[c]), s2[c] = sum((x[r, c] - K[c])^2) over rows [r0, r1). s2 may be null.
+// For rows [0, rows) of x and dy: s_dy[c] = sum(dy), s_dy_xmu[c] = sum(dy * (x - mean[c])).
 template <typename T>
-void block_shifted_sums(const T* x, int64_t C, int64_t r0, int64_t r1, const T* K, T* s1, T* s2) {
+void block_grad_sums(const T* x, const T* dy, int64_t C, int64_t rows, const T* mean, T* s_dy, T* s_dy_xmu) {
   using V = Vec<T>;
-  auto ld = [&](int64_t r, int64_t c) { return V::loadu(x + r * C + c); };
-  std::fill(s1, s1 + C, T(0));
-  if (!s2) {
-    over_rows<T>(
-        C, r0, r1,
-        [&](int64_t r, int64_t c) {
-          const V k = V::loadu(K + c);
-          const V d = ((ld(r, c) - k) + (ld(r + 1, c) - k)) + ((ld(r + 2, c) - k) + (ld(r + 3, c) - k));
-          (V::loadu(s1 + c) + d).store(s1 + c);
-        },
-        [&](int64_t r, int64_t c) {
-          const T* p = x + r * C + c;
-          s1[c] += ((p[0] - K[c]) + (p[C] - K[c])) + ((p[2 * C] - K[c]) + (p[3 * C] - K[c]));
-        },
-        [&](int64_t r, int64_t c) { (V::loadu(s1 + c) + (ld(r, c) - V::loadu(K + c))).store(s1 + c); },
-        [&](int64_t r, int64_t c) { s1[c] += x[r * C + c] - K[c]; });
-    return;
+  constexpr int64_t L = V::size();
+  std::fill(s_dy, s_dy + C, T(0));
+  std::fill(s_dy_xmu, s_dy_xmu + C, T(0));
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const T* x0 = x + r * C;
+    const T* g0 = dy + r * C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      const V mu = V::loadu(mean + c);
+      const V a0 = V::loadu(g0 + c), a1 = V::loadu(g0 + C + c), a2 = V::loadu(g0 + 2 * C + c), a3 = V::loadu(g0 + 3 * C + c);
+      (V::loadu(s_dy + c) + ((a0 + a1) + (a2 + a3))).store(s_dy + c);
+      const V q = at::vec::fmadd(a0, V::loadu(x0 + c) - mu, a1 * (V::loadu(x0 + C + c) - mu)) +
+                  at::vec::fmadd(a2, V::loadu(x0 + 2 * C + c) - mu, a3 * (V::loadu(x0 + 3 * C + c) - mu));
+      (V::loadu(s_dy_xmu + c) + q).store(s_dy_xmu + c);
+    }
+    for (; c < C; ++c) {
+      for (int64_t i = 0; i < 4; ++i) {
+        s_dy[c] += g0[i * C + c];
+        s_dy_xmu[c] += g0[i * C + c] * (x0[i * C + c] - mean[c]);
+      }
+    }
   }
-  std::fill(s2, s2 + C, T(0));
-  over_rows<T>(
-      C, r0, r1,
-      [&](int64_t r, int64_t c) {
-        const V k = V::loadu(K + c);
-        const V d0 = ld(r, c) - k, d1 = ld(r + 1, c) - k, d2 = ld(r + 2, c) - k, d3 = ld(r + 3, c) - k;
-        (V::loadu(s1 + c) + ((d0 + d1) + (d2 + d3))).store(s1 + c);
-        (V::loadu(s2 + c) + (at::vec::fmadd(d0, d0, d1 * d1) + at::vec::fmadd(d2, d2, d3 * d3))).store(s2 + c);
-      },
-      [&](int64_t r, int64_t c) {
-        const T* p = x + r * C + c;
-        const T d0 = p[0] - K[c], d1 = p[C] - K[c], d2 = p[2 * C] - K[c], d3 = p[3 * C] - K[c];
-        s1[c] += (d0 + d1) + (d2 + d3);
-        s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-      },
-      [&](int64_t r, int64_t c) {
-        const V d = ld(r, c) - V::loadu(K + c);
-        (V::loadu(s1 + c) + d).store(s1 + c);
-        at::vec::fmadd(d, d, V::loadu(s2 + c)).store(s2 + c);
-      },
-      [&](int64_t r, int64_t c) {
-        const T d = x[r * C + c] - K[c];
-        s1[c] += d;
-        s2[c] += d * d;
-      });
+  for (; r < rows; ++r) {
+    const T* xr = x + r * C;
+    const T* gr = dy + r * C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      const V a = V::loadu(gr + c);
+      (V::loadu(s_dy + c) + a).store(s_dy + c);
+      at::vec::fmadd(a, V::loadu(xr + c) - V::loadu(mean + c), V::loadu(s_dy_xmu + c)).store(s_dy_xmu + c);
+    }
+    for (; c < C; ++c) {
+      s_dy[c] += gr[c];
+      s_dy_xmu[c] += gr[c] * (xr[c] - mean[c]);
+    }
+  }
+}
+
+// One row: y = (x - mean) * scale + shift, per channel.
+template <typename T>
+inline void affine_row(const T* x, T* y, int64_t C, const T* mean, const T* scale, const T* shift) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::size();
+  int64_t c = 0;
+  for (; c + L <= C; c += L)
+    at::vec::fmadd(V::loadu(x + c) - V::loadu(mean + c), V::loadu(scale + c), V::loadu(shift + c)).store(y + c);
+  for (; c < C; ++c) y[c] = (x[c] - mean[c]) * scale[c] + shift[c];
+}
+
+// One row of the training input gradient: dx = (x - mean) * slope + (dy * k + shift), per channel.
+template <typename T>
+inline void grad_row(const T* x, const T* dy, T* dx, int64_t C, const T* mean, const T* slope, const T* k, const T* shift) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::size();
+  int64_t c = 0;
+  for (; c + L <= C; c += L)
+    at::vec::fmadd(V::loadu(x + c) - V::loadu(mean + c), V::loadu(slope + c),
+                   at::vec::fmadd(V::loadu(dy + c), V::loadu(k + c), V::loadu(shift + c)))
+        .store(dx + c);
+  for (; c < C; ++c) dx[c] = (x[c] - mean[c]) * slope[c] + (dy[c] * k[c] + shift[c]);
+}
+
+// One row of the inference input gradient: dx = dy * k, per channel.
+template <typename T>
+inline void scale_row(const T* dy, T* dx, int64_t C, const T* k) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::size();
+  int64_t c = 0;
+  for (; c + L <= C; c += L) (V::loadu(dy + c) * V::loadu(k + c)).store(dx + c);
+  for (; c < C; ++c) dx[c] = dy[c] * k[c];
 }
 
 // Elementwise over every row, parallel over rows.
@@ -337,12 +391,12 @@ void forward_train_inner(const Geometry& g, const T* x, T* y, const T* w, const 
         const double inv_nb = 1.0 / double(nb);
         if (n_acc == 0) {  // first block: its own mean (shifted by its first row) as the shift
           std::copy(x + r0 * C, x + r0 * C + C, shift.begin());
-          block_shifted_sums<T>(x, C, r0, r1, shift.data(), s1.data(), nullptr);
+          block_shifted_sums<T, false>(x + r0 * C, C, nb, shift.data(), s1.data(), nullptr);
           for (int64_t c = 0; c < C; ++c) shift[c] = T(double(shift[c]) + double(s1[c]) * inv_nb);
         } else {
           for (int64_t c = 0; c < C; ++c) shift[c] = T(mean_acc[c]);
         }
-        block_shifted_sums<T>(x, C, r0, r1, shift.data(), s1.data(), s2.data());
+        block_shifted_sums<T, true>(x + r0 * C, C, nb, shift.data(), s1.data(), s2.data());
         const double n_new = double(n_acc + nb), w_b = double(nb) / n_new, w_ab = double(n_acc) * double(nb) / n_new;
         for (int64_t c = 0; c < C; ++c) {
           const double d1 = double(s1[c]);
@@ -377,18 +431,8 @@ void forward_train_inner(const Geometry& g, const T* x, T* y, const T* w, const 
     invstd_out[c] = invstd;
     update_running(rm, rv, c, mean_t[c], var, m, momentum);
   }
-  for_each_row(R, C, [&](int64_t r) {
-    const T* xr = x + r * C;
-    T* yr = y + r * C;
-    map_run<T>(
-        C,
-        [&](int64_t c) {
-          at::vec::fmadd(V::loadu(xr + c) - V::loadu(mean_t.data() + c), V::loadu(scale.data() + c),
-                         V::loadu(shift.data() + c))
-              .store(yr + c);
-        },
-        [&](int64_t c) { yr[c] = (xr[c] - mean_t[c]) * scale[c] + shift[c]; });
-  });
+  const T *mp = mean_t.data(), *sp = scale.data(), *hp = shift.data();
+  for_each_row(R, C, [&](int64_t r) { affine_row<T>(x + r * C, y + r * C, C, mp, sp, hp); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -418,20 +462,8 @@ void normalize_kernel(const Geometry& g, const T* x, T* y, const T* mean, const 
       }
     });
   } else {
-    const int64_t R = g.m();
-    at::parallel_for(0, R, grain_for(C), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const T* xr = x + r * C;
-        T* yr = y + r * C;
-        map_run<T>(
-            C,
-            [&](int64_t c) {
-              at::vec::fmadd(V::loadu(xr + c) - V::loadu(mean + c), V::loadu(scale.data() + c), V::loadu(shift.data() + c))
-                  .store(yr + c);
-            },
-            [&](int64_t c) { yr[c] = (xr[c] - mean[c]) * scale[c] + shift[c]; });
-      }
-    });
+    const T *sp = scale.data(), *hp = shift.data();
+    for_each_row(g.m(), C, [&](int64_t r) { affine_row<T>(x + r * C, y + r * C, C, mean, sp, hp); });
   }
 }
 
@@ -517,37 +549,7 @@ void backward_inner(const Geometry& g, const T* dy, const T* x, const T* mean, c
         const int64_t r_begin = k * split.rows_per_chunk, r_end = std::min(R, r_begin + split.rows_per_chunk);
         for (int64_t r0 = r_begin; r0 < r_end; r0 += split.block_rows) {
           const int64_t r1 = std::min(r_end, r0 + split.block_rows);
-          std::fill(s_dy.begin(), s_dy.end(), T(0));
-          std::fill(s_dy_xmu.begin(), s_dy_xmu.end(), T(0));
-          T* sd = s_dy.data();
-          T* sx = s_dy_xmu.data();
-          auto ldx = [&](int64_t r, int64_t c) { return V::loadu(x + r * C + c); };
-          auto ldg = [&](int64_t r, int64_t c) { return V::loadu(dy + r * C + c); };
-          over_rows<T>(
-              C, r0, r1,
-              [&](int64_t r, int64_t c) {
-                const V mu = V::loadu(mean + c);
-                const V g0 = ldg(r, c), g1 = ldg(r + 1, c), g2 = ldg(r + 2, c), g3 = ldg(r + 3, c);
-                (V::loadu(sd + c) + ((g0 + g1) + (g2 + g3))).store(sd + c);
-                const V q = at::vec::fmadd(g0, ldx(r, c) - mu, g1 * (ldx(r + 1, c) - mu)) +
-                            at::vec::fmadd(g2, ldx(r + 2, c) - mu, g3 * (ldx(r + 3, c) - mu));
-                (V::loadu(sx + c) + q).store(sx + c);
-              },
-              [&](int64_t r, int64_t c) {
-                for (int64_t i = r; i < r + 4; ++i) {
-                  sd[c] += dy[i * C + c];
-                  sx[c] += dy[i * C + c] * (x[i * C + c] - mean[c]);
-                }
-              },
-              [&](int64_t r, int64_t c) {
-                const V g = ldg(r, c);
-                (V::loadu(sd + c) + g).store(sd + c);
-                at::vec::fmadd(g, ldx(r, c) - V::loadu(mean + c), V::loadu(sx + c)).store(sx + c);
-              },
-              [&](int64_t r, int64_t c) {
-                sd[c] += dy[r * C + c];
-                sx[c] += dy[r * C + c] * (x[r * C + c] - mean[c]);
-              });
+          block_grad_sums<T>(x + r0 * C, dy + r0 * C, C, r1 - r0, mean, s_dy.data(), s_dy_xmu.data());
           for (int64_t c = 0; c < C; ++c) {
             part_dy[k * C + c] += s_dy[c];
             part_dy_xmu[k * C + c] += s_dy_xmu[c];
@@ -571,24 +573,12 @@ void backward_inner(const Geometry& g, const T* dy, const T* x, const T* mean, c
     shift[c] = T(co.shift);
   }
   if (!dx) return;
-  for_each_row(R, C, [&](int64_t r) {
-    const T *xr = x + r * C, *dyr = dy + r * C;
-    T* dxr = dx + r * C;
-    if (training) {
-      map_run<T>(
-          C,
-          [&](int64_t c) {
-            at::vec::fmadd(V::loadu(xr + c) - V::loadu(mean + c), V::loadu(slope.data() + c),
-                           at::vec::fmadd(V::loadu(dyr + c), V::loadu(kk.data() + c), V::loadu(shift.data() + c)))
-                .store(dxr + c);
-          },
-          [&](int64_t c) { dxr[c] = (xr[c] - mean[c]) * slope[c] + (dyr[c] * kk[c] + shift[c]); });
-    } else {
-      map_run<T>(
-          C, [&](int64_t c) { (V::loadu(dyr + c) * V::loadu(kk.data() + c)).store(dxr + c); },
-          [&](int64_t c) { dxr[c] = dyr[c] * kk[c]; });
-    }
-  });
+  const T *kp = kk.data(), *lp = slope.data(), *hp = shift.data();
+  if (training) {
+    for_each_row(R, C, [&](int64_t r) { grad_row<T>(x + r * C, dy + r * C, dx + r * C, C, mean, lp, kp, hp); });
+  } else {
+    for_each_row(R, C, [&](int64_t r) { scale_row<T>(dy + r * C, dx + r * C, C, kp); });
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
