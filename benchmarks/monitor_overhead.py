@@ -9,13 +9,13 @@ Two models, each trained with plain SGD on fixed random batches:
 For each model three settings alternate block by block, in a rotating order, so that drift in
 machine load hits them equally: no monitor, ``every=10`` and ``every=1`` (default config: every
 activation and norm input watched, JSON Lines and npz written to a temporary run directory). A
-block is a fixed number of optimizer steps (100 for the MLP, 20 for the CNN, times ``--scale``);
+block is a fixed number of optimizer steps (200 for the MLP, 20 for the CNN, times ``--scale``);
 a monitored block attaches, trains, flushes what it recorded (device to host, statistics, JSON
 Lines) and detaches, all timed, so each block pays for its own measurements. Only the rewrite of
 the histogram npz, which the monitor does at most every 30 s, is left to the end of the run. Each
 figure is the median over ``--rounds`` blocks.
 
-    python benchmarks/monitor_overhead.py [--rounds 15] [--scale 1] [--threads N] [--clock wall]
+    python benchmarks/monitor_overhead.py [--rounds 21] [--scale 1] [--threads N] [--clock wall]
 
 ``--clock cpu`` times with the process's CPU time instead of the wall clock: steadier on a
 shared machine, where other processes' load inflates wall times at random.
@@ -61,7 +61,7 @@ def small_cnn() -> nn.Module:
 
 # name: (constructor, input shape, steps per block)
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
-    "mlp 784-100x3-10 sigmoid, batch 60": (paper_mlp, (60, 784), 100),
+    "mlp 784-100x3-10 sigmoid, batch 60": (paper_mlp, (60, 784), 200),
     "cnn 2x(conv+bn+relu), batch 64, 28x28": (small_cnn, (64, 1, 28, 28), 20),
 }
 SETTINGS: list[Optional[int]] = [None, 10, 1]  # None: no monitor
@@ -115,7 +115,7 @@ def bench(make: Callable[[], nn.Module], shape, rounds: int, steps: int, root: s
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=15, help="timed blocks per setting (median taken)")
+    p.add_argument("--rounds", type=int, default=21, help="timed blocks per setting (median taken)")
     p.add_argument("--scale", type=int, default=1, help="multiply the steps per block")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs available)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall clock or process CPU time")

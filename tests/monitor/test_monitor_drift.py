@@ -56,7 +56,8 @@ def _brute_w1(edges, cp, cq, rp, rq, n=400_001):
         cum = np.concatenate([[0], np.cumsum(c) / np.sum(c)])
         return np.interp(x, knots, cum)
 
-    return np.trapezoid(np.abs(cdf(cp, rp) - cdf(cq, rq)), x)
+    y = np.abs(cdf(cp, rp) - cdf(cq, rq))
+    return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)))  # trapezoid rule
 
 
 def test_histogram_w1_equals_brute_force_integration():
