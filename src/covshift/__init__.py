@@ -7,6 +7,6 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-from covshift import functional, nn  # noqa: E402
+from covshift import functional, monitor, nn  # noqa: E402
 
-__all__ = ["functional", "nn", "__version__"]
+__all__ = ["functional", "monitor", "nn", "__version__"]

@@ -44,7 +44,10 @@ def _load_arm(arm_dir: Path) -> dict[str, Any]:
 
     metrics = read_jsonl(arm_dir / "metrics.jsonl") if (arm_dir / "metrics.jsonl").exists() else []
     status = json.loads((arm_dir / "status.json").read_text()) if (arm_dir / "status.json").exists() else {}
-    monitor = load(arm_dir / "monitor") if (arm_dir / "monitor").exists() else None
+    try:
+        monitor = load(arm_dir / "monitor")
+    except FileNotFoundError:  # interrupted before the monitor's first flush
+        monitor = None
     return {"metrics": metrics, "status": status, "monitor": monitor}
 
 

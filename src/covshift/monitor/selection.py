@@ -24,8 +24,9 @@ ACTIVATION_TYPES: tuple[type, ...] = tuple(
     if hasattr(nn, n)
 )
 
-# Normalization layers. covshift.nn's BatchNorm classes subclass torch's, so they are included.
-NORM_TYPES: tuple[type, ...] = tuple(
+# Normalization layers. _NormBase is the base of every torch and covshift BatchNorm variant
+# (covshift's SyncBatchNorm, BatchRenorm, GhostBatchNorm and FrozenBatchNorm included).
+NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase,) + tuple(
     getattr(nn, n)
     for n in (
         "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d",
