@@ -196,6 +196,10 @@ def main() -> None:
         )
     print()
     print(
+        "floor: one read of the input at the copy bandwidth; (fl): time in floors (read x + write y + read x, dy + "
+        "write dx = 5 floors from memory); ratio: time / torch's; peak mem: extra tensor memory of one step / input size"
+    )
+    print(
         f"geometric mean ratio to torch: fast {_geomean(ratios['fast']):.2f} (worst {max(ratios['fast']):.2f}), "
         f"reference {_geomean(ratios['reference']):.2f} (worst {max(ratios['reference']):.2f})"
     )
