@@ -141,10 +141,6 @@ inline void map_run(int64_t n, const Body& body, const Tail& tail) {
 
 int64_t grain_for(int64_t work_per_unit) { return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_unit)); }
 
-struct ChannelStats {
-  double mean, var;
-};
-
 // ---------------------------------------------------------------------------------------------
 // Forward, training: statistics, running update and normalization in one sweep per channel.
 // ---------------------------------------------------------------------------------------------
@@ -373,7 +369,6 @@ void for_each_row(int64_t R, int64_t C, const Body& row_body) {
 template <typename T>
 void forward_train_inner(const Geometry& g, const T* x, T* y, const T* w, const T* b, T* rm, T* rv, T* mean_out,
                          T* invstd_out, double momentum, double eps) {
-  using V = Vec<T>;
   const int64_t C = g.C, R = g.m(), m = g.m();
   const RowSplit split = split_rows(R, C, sizeof(T));
   // Per chunk and channel: (count, mean, M2) of the chunk's rows, merged block by block.
@@ -538,7 +533,6 @@ void backward_outer(const Geometry& g, const T* dy, const T* x, const T* mean, c
 template <typename T>
 void backward_inner(const Geometry& g, const T* dy, const T* x, const T* mean, const T* invstd, const T* w, T* dx,
                     T* dgamma, T* dbeta, bool training, bool need_sums) {
-  using V = Vec<T>;
   const int64_t C = g.C, R = g.m(), m = g.m();
   const RowSplit split = split_rows(R, C, sizeof(T));
   std::vector<double> part_dy(split.chunks * C, 0.0), part_dy_xmu(split.chunks * C, 0.0);
