@@ -19,14 +19,16 @@ Pixels are scaled to [0, 1] when they look like bytes (max > 1). Every failure i
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+
+from covshift._io import atomic_write_bytes
 
 __all__ = ["Dataset", "DataError", "load_dataset", "read_idx", "write_idx", "mnist5k"]
 
@@ -67,15 +69,9 @@ def _cache_dir() -> Path:
 
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def mnist5k() -> Dataset:

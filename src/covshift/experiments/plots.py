@@ -5,7 +5,7 @@ Every function takes plain arrays and returns a ``matplotlib.figure.Figure``; sa
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Mapping
 
 import matplotlib
 

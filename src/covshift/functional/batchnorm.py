@@ -36,7 +36,7 @@ Numerics, decided here once for every layer:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
+from io import BytesIO
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import numpy as np
 
+from covshift._io import atomic_write_bytes, atomic_write_json
 from covshift.monitor.records import MonitorRecords
 
 __all__ = [
@@ -94,23 +95,8 @@ class JsonlWriter:
             self._f = None
 
 
-def _atomic(path: Path, write) -> None:
-    # Write next to the target, then rename over it: readers see the old file or the new one.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json_atomic(path: PathLike, obj: object) -> None:
-    _atomic(Path(path), lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+    atomic_write_json(path, obj)
 
 
 def write_histograms(path: PathLike, records: MonitorRecords) -> None:
@@ -125,7 +111,9 @@ def write_histograms(path: PathLike, records: MonitorRecords) -> None:
         # counts of a sample of at most 2**24 values fit in int32: half the bytes of int64
         arrays[f"counts_{i}"] = h.counts.astype(np.int32)
         arrays[f"numel_{i}"] = h.numel
-    _atomic(Path(path), lambda f: np.savez_compressed(f, **arrays))
+    buf = BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 class TensorBoardWriter:
