@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_bn_grid import GRID, SHAPES, _run_case
-from torch.utils._python_dispatch import TorchDispatchMode
+from test_functional import _RecordOps
 
 import covshift.nn as cnn
 from covshift.functional import (
@@ -224,16 +224,6 @@ def test_no_grad_training_updates_running_stats_like_the_reference():
 
 
 # --- which path runs -------------------------------------------------------------------------------
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_default_path_on_cpu_float32_is_the_kernel(monkeypatch):
     monkeypatch.delenv("COVSHIFT_BACKEND", raising=False)
     assert _fast._State().backend == "auto"  # the default, when the environment says nothing
