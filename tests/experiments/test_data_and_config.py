@@ -135,3 +135,13 @@ def test_overrides_parse_types_and_validate():
 def test_bad_overrides_name_the_flag(overrides, match):
     with pytest.raises(ConfigError, match=match):
         apply_overrides(ExperimentConfig(), overrides)
+
+
+def test_only_byte_images_are_scaled(tmp_path):
+    rng = np.random.default_rng(2)
+    feats = (rng.normal(size=(10, 4)) * 50).astype(np.float32)  # standardized-like values well above 1
+    np.savez(tmp_path / "f.npz", x_train=feats, y_train=np.arange(10) % 2, x_test=feats[:3], y_test=np.arange(3) % 2)
+    np.testing.assert_array_equal(load_dataset(tmp_path / "f.npz").x_train, feats)
+    img = rng.integers(0, 256, size=(10, 2, 2), dtype=np.uint8)
+    np.savez(tmp_path / "u.npz", x_train=img, y_train=np.arange(10) % 2, x_test=img[:3], y_test=np.arange(3) % 2)
+    np.testing.assert_allclose(load_dataset(tmp_path / "u.npz").x_train, img.reshape(10, 4) / 255.0, rtol=1e-6)

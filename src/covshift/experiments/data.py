@@ -12,7 +12,7 @@ Three sources, chosen by :func:`load_dataset`:
 * an ``.npz`` file with arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``: any dataset of
   flat vectors (images are flattened) with integer class labels.
 
-Pixels are scaled to [0, 1] when they look like bytes (max > 1). Every failure is a
+uint8 pixels are scaled to [0, 1]; other arrays are used as given. Every failure is a
 :class:`DataError` whose one-line message says what was expected.
 """
 
@@ -153,9 +153,12 @@ def _prepare(x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.nd
         raise DataError(f"{what}: expected inputs (n, ...) and labels (n,), got shapes {x.shape} and {y.shape}")
     if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
         raise DataError(f"{what}: labels must be non-negative integers, got dtype {y.dtype}")
+    # Byte images (the IDX files, a uint8 npz) become [0, 1]; any other array is used as given,
+    # so standardized or already-scaled features are never divided by 255.
+    is_bytes = x.dtype == np.uint8
     x = x.reshape(len(x), -1).astype(np.float32)
-    if x.size and x.max() > 1.0:  # bytes -> [0, 1]
-        x = x / 255.0
+    if is_bytes:
+        x /= np.float32(255.0)
     return x, y.astype(np.int64)
 
 
