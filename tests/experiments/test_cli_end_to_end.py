@@ -149,3 +149,50 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path, parallel):
     assert len(_metrics(out, "no-bn")) >= 3
     assert (out / "report.html").exists()
     assert main(["report", str(out)]) == 0
+
+
+def test_any_flat_dataset_with_tensorboard(tmp_path):
+    """--data FILE.npz sizes the network from the data; --tensorboard writes event files."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 12)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "d.npz", x_train=x[:150], y_train=y[:150], x_test=x[150:], y_test=y[150:])
+    out = tmp_path / "run"
+    argv = ["run", "fig1", "--data", str(tmp_path / "d.npz"), "--hidden", "16,8", "--units", "0,1", "--probe-size", "20",
+            "--steps", "60", "--eval-every", "20", "--monitor-every", "10", "--batch-size", "30",
+            "--tensorboard", "--parallel", "no", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["data"]["features"] == 12 and meta["data"]["classes"] == 2 and "npz" in meta["data"]["source"]
+    for arm in ("no-bn", "bn"):
+        events = list((out / arm).rglob("events.out.tfevents.*"))
+        assert any("monitor" in str(e) for e in events) and any("monitor" not in str(e) for e in events), events
+    units = json.loads((out / "summary.json").read_text())["typical_units"]
+    # The last hidden layer is hidden2 here: Figure 1's unit comes from it, on the probe batch.
+    assert set(units) == {"no-bn", "bn"} and all("of hidden2 (probe batch)" in u for u in units.values()), units
+
+
+def test_a_crashing_parallel_arm_is_an_error(tmp_path):
+    from covshift.experiments.config import ExperimentConfig
+    from covshift.experiments.runner import _run_parallel
+
+    # The worker cannot find this experiment: it exits non-zero, and the parent must not call the run complete.
+    with pytest.raises(RuntimeError, match=r"training failed in arm a \(exit code 1\)"):
+        _run_parallel("no-such-experiment", ExperimentConfig(), ["a"], tmp_path, None)
+
+
+def test_a_failed_run_is_recorded_as_failed(tmp_path, monkeypatch):
+    import covshift.experiments.runner as runner
+    from covshift.experiments.config import apply_overrides
+    from covshift.experiments.registry import get_experiment
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner, "train_arm", boom)
+    cfg = apply_overrides(get_experiment("fig1").config, {"out": str(tmp_path / "r"), "parallel": "no", "steps": "10"})
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.run_experiment("fig1", cfg)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["status"] == "failed"

@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
-from covshift.experiments.config import ConfigError, ExperimentConfig
+from covshift.experiments.config import ConfigError, ExperimentConfig, apply_overrides
 from covshift.experiments.data import Dataset
 from covshift.experiments.models import MLP
 
@@ -34,8 +34,6 @@ class Experiment:
     unit_layer: Optional[Callable[[ExperimentConfig], str]] = field(default=lambda c: f"hidden{len(c.hidden)}.act")
 
     def arm_config(self, config: ExperimentConfig, arm: str) -> ExperimentConfig:
-        from covshift.experiments.config import apply_overrides
-
         return apply_overrides(config, self.arms[arm])
 
 

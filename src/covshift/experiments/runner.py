@@ -93,16 +93,16 @@ def _run_parallel(experiment: str, config: ExperimentConfig, arms: list[str], ru
                 running.discard(arm)
             elif progress:
                 progress(arm, step, loss, acc)
-    except KeyboardInterrupt:
-        # The workers got the same SIGINT; give them time to flush, then make sure they are gone.
-        for p in procs:
-            p.join(timeout=30)
-        raise
     finally:
+        # On Ctrl-C the workers got the same SIGINT: give them time to flush, then make sure they are gone.
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
+    # An interrupted worker exits 0; anything else is a crash, whose traceback the worker printed.
+    failed = [f"{arm} (exit code {p.exitcode})" for arm, p in zip(arms, procs) if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"training failed in arm {', '.join(failed)}; see the traceback above")
 
 
 def _versions() -> dict:
@@ -163,6 +163,10 @@ def run_experiment(
                 train_arm(experiment, config, arm, run_dir, progress, data=data)
     except KeyboardInterrupt:
         status = "interrupted"
+    except Exception:
+        meta.update(status="failed", finished=datetime.now().isoformat(timespec="seconds"))
+        atomic_write_json(run_dir / "config.json", meta)
+        raise
     seconds = time.perf_counter() - t0
     meta.update(status=status, train_seconds=round(seconds, 2), finished=datetime.now().isoformat(timespec="seconds"))
     atomic_write_json(run_dir / "config.json", meta)
