@@ -10,6 +10,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from covshift.functional.batchnorm import update_running_stats
 
 
+def count_batch(layer: _BatchNorm) -> float:
+    """``num_batches_tracked += 1`` (when the layer has it) and this batch's averaging factor:
+    ``momentum``, or ``1/num_batches_tracked`` (a cumulative average) when ``momentum`` is ``None``."""
+    if layer.num_batches_tracked is not None:
+        layer.num_batches_tracked.add_(1)
+        if layer.momentum is None:
+            return 1.0 / float(layer.num_batches_tracked)
+    return 0.0 if layer.momentum is None else layer.momentum
+
+
 def advance_running_stats(layer: _BatchNorm, mean: Tensor, var: Tensor, count: Union[int, float]) -> None:
     r"""``num_batches_tracked += 1``, then ``running = (1 - m) * running + m * stat`` in place.
 
@@ -19,9 +29,4 @@ def advance_running_stats(layer: _BatchNorm, mean: Tensor, var: Tensor, count: U
     (:func:`covshift.functional.batchnorm.update_running_stats`). Callers decide *whether* to update
     (training, ``track_running_stats``, the non-finite guard).
     """
-    momentum = 0.0 if layer.momentum is None else layer.momentum
-    if layer.num_batches_tracked is not None:
-        layer.num_batches_tracked.add_(1)
-        if layer.momentum is None:
-            momentum = 1.0 / float(layer.num_batches_tracked)
-    update_running_stats(layer.running_mean, layer.running_var, mean, var, count, momentum)
+    update_running_stats(layer.running_mean, layer.running_var, mean, var, count, count_batch(layer))

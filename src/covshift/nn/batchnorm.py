@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from covshift.functional.batchnorm import ChannelMismatchError, batch_norm
+from covshift.nn._running import count_batch
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NonFiniteBatchWarning"]
 
@@ -114,10 +115,8 @@ class _BatchNormMixin:
         if self._nonfinite_batch(input):
             return batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
         # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward, so behaviour matches case by case.
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        # The factor only matters when running buffers are updated: training with tracked stats.
+        momentum = count_batch(self) if self.training and self.track_running_stats else 0.0
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Buffers are updated only when they are tracked; in eval they are read if they exist.
         track = not self.training or self.track_running_stats
