@@ -51,6 +51,8 @@ from typing import Iterator, Literal, Optional
 import torch
 from torch import Tensor
 
+from covshift.ops import build as _build
+
 __all__ = [
     "Backend",
     "FastPathWarning",
@@ -159,85 +161,9 @@ def _warn_once(key: str, reason: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _cpu_flags() -> tuple[str, list[str]]:
-    """(capability tag, compiler flags) for this CPU, as ATen's own vectorized kernels see it."""
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cap == "AVX512":
-        return "avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    if cap == "AVX2":
-        return "avx2", ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return "default", []
-
-
 def build_directory() -> Path:
-    """Where the kernel is compiled and cached: one folder per torch, Python and CPU capability."""
-    root = os.environ.get("COVSHIFT_EXTENSIONS_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "covshift" / "extensions"
-    tag = f"torch{torch.__version__.replace('+', '-')}-py{sys.version_info[0]}{sys.version_info[1]}-{_cpu_flags()[0]}"
-    return base / tag
-
-
-def _ops_registered() -> bool:
-    try:
-        torch.ops.covshift_fast.fwd_train  # noqa: B018 - raises if the library is not loaded
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _build_lock(directory: Path) -> Iterator[None]:
-    """An exclusive lock over the build folder, across processes; released if its holder dies."""
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # Windows: torch's own lock file (below) still serializes the build
-        yield
-        return
-    with open(directory / "covshift-build.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            # Under our lock nobody else is building, so torch's lock file, if any, is stale
-            # (left by a process killed mid-build); torch would wait on it forever.
-            (directory / "lock").unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _compile() -> str:
-    """Compile (or find up to date) and load the kernel; returns the shared library's path."""
-    from torch.utils import cpp_extension
-
-    directory = build_directory()
-    _, cpu_flags = _cpu_flags()
-    path = os.environ.get("PATH", "")
-    try:
-        import ninja  # the pip package: its binary is not on PATH unless the venv is activated
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
-    except ImportError:
-        pass  # cpp_extension finds a system ninja, or says that it needs one
-    try:
-        with _build_lock(directory):
-            return cpp_extension.load(
-                name=LIBRARY_NAME,
-                sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-fopenmp", *cpu_flags],
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(directory),
-                is_python_module=False,
-                verbose=False,
-            )
-    finally:
-        os.environ["PATH"] = path
-
-
-def _short(error: BaseException, limit: int = 600) -> str:
-    text = " ".join(str(error).split())
-    if len(text) > limit:  # compiler logs end with the useful part
-        text = text[:200] + " ... " + text[-(limit - 205) :]
-    return f"{type(error).__name__}: {text}"
+    """Where the kernel is compiled and cached (:func:`covshift.ops.build.build_directory`)."""
+    return _build.build_directory()
 
 
 def build() -> bool:
@@ -251,19 +177,12 @@ def build() -> bool:
         return True
     if _state.error is not None:
         return False
+    ext = _build.load_library(LIBRARY_NAME, SOURCE, probe="fwd_train")
     with _state.lock:
-        if _state.loaded or _state.error is not None:
-            return _state.loaded
-        try:
-            if not _ops_registered():
-                _state.library = _compile()
-            if _ops_registered():
-                _ops.bind()
-                _state.loaded = True
-            else:
-                _state.error = "the compiled library did not register torch.ops.covshift_fast"
-        except Exception as error:  # noqa: BLE001 - any failure means: use the reference path
-            _state.error = f"the fast CPU kernel could not be built or loaded ({_short(error)}); build folder {build_directory()}"
+        if ext.loaded and not _state.loaded:
+            _ops.bind()
+            _state.loaded = True
+        _state.library, _state.error = ext.library, ext.error
     return _state.loaded
 
 
