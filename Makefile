@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.covshift-installed
 FAST   := $(VENV)/.covshift-fast-built
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench readme
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bn_speed.py
+
+# Copy every docs/results/ file into its block of README.md (tests/test_readme_results.py checks them).
+readme:
+	$(PYTHON) scripts/sync_readme.py
