@@ -15,7 +15,28 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["MonitorRecords", "Histograms", "ChannelStats"]
+__all__ = ["RecordKey", "MonitorRecords", "Histograms", "ChannelStats"]
+
+
+@dataclass(frozen=True)
+class RecordKey:
+    """The identity of one measured point: which module, which call, which channel, which batch.
+
+    Shown as a string (``str(key)``), e.g. ``"hidden3.act#1[17]@probe"``: the module name, ``#k``
+    for its k-th extra call in one forward, ``[c]`` for one channel (dim 1) recorded on its own,
+    ``@probe`` on the fixed probe batch. The string is for display and lookup only; it is never
+    parsed back (files store the fields).
+    """
+
+    module: str  # qualified module name, as in model.named_modules()
+    call: int = 0  # 0 for the first call of the module in one forward, k for the k-th extra one
+    channel: Optional[int] = None  # one channel / unit recorded on its own, else None
+    probe: bool = False  # measured on the fixed probe batch
+
+    def __str__(self) -> str:
+        call = f"#{self.call}" if self.call else ""
+        channel = "" if self.channel is None else f"[{self.channel}]"
+        return f"{self.module}{call}{channel}{'@probe' if self.probe else ''}"
 
 
 @dataclass(frozen=True)
