@@ -64,7 +64,7 @@ def _model():
     return torch.nn.Sequential(
         torch.nn.Conv2d(2, 3, 3, padding=1),
         torch.nn.BatchNorm2d(3),
-        torch.nn.Sequential(cnn.BatchNorm2d(3, momentum=None, skip_nonfinite=True), cnn.GhostBatchNorm2d(3, 2)),
+        torch.nn.Sequential(cnn.BatchNorm2d(3, momentum=None, skip_nonfinite=True), cnn.GhostBatchNorm2d(3, virtual_batch_size=2)),
         cnn.BatchRenorm2d(3, r_max=2.0),
         cnn.SyncBatchNorm(3),
         torch.nn.Flatten(),

@@ -86,7 +86,7 @@ class _Reference(torch.nn.Module):
 )
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_one_ghost_batch_is_batchnorm(cls, torch_cls, shape, vbs, momentum):
-    ours = cls(3, vbs, momentum=momentum, dtype=torch.float64)
+    ours = cls(3, virtual_batch_size=vbs, momentum=momentum, dtype=torch.float64)
     ref = torch_cls(3, momentum=momentum, dtype=torch.float64)
     _init(ref)
     ours.load_state_dict(ref.state_dict(), strict=True)
@@ -106,7 +106,7 @@ def test_one_ghost_batch_is_batchnorm(cls, torch_cls, shape, vbs, momentum):
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("affine", [True, False])
 def test_against_brute_force_over_ghost_batches(cls, shape, vbs, sizes, momentum, affine):
-    ours = cls(3, vbs, momentum=momentum, affine=affine, dtype=torch.float64)
+    ours = cls(3, virtual_batch_size=vbs, momentum=momentum, affine=affine, dtype=torch.float64)
     ref = _Reference(3, sizes, momentum, affine)
     _init(ref)
     ours.load_state_dict(ref.state_dict(), strict=True)
@@ -114,7 +114,7 @@ def test_against_brute_force_over_ghost_batches(cls, shape, vbs, sizes, momentum
 
 
 def test_without_running_stats_eval_uses_ghost_statistics():
-    ours = cnn.GhostBatchNorm1d(3, 4, track_running_stats=False, dtype=torch.float64)
+    ours = cnn.GhostBatchNorm1d(3, virtual_batch_size=4, track_running_stats=False, dtype=torch.float64)
     ref = _Reference(3, [4, 4, 2], track=False)
     _init(ref)
     ours.load_state_dict(ref.state_dict(), strict=True)
@@ -122,7 +122,7 @@ def test_without_running_stats_eval_uses_ghost_statistics():
 
 
 def test_channels_last_is_kept():
-    layer = cnn.GhostBatchNorm2d(3, 2)
+    layer = cnn.GhostBatchNorm2d(3, virtual_batch_size=2)
     x = torch.randn(5, 3, 4, 4).contiguous(memory_format=torch.channels_last)
     assert layer(x).is_contiguous(memory_format=torch.channels_last)
 
@@ -130,25 +130,25 @@ def test_channels_last_is_kept():
 @pytest.mark.parametrize("vbs", [0, -2, 2.5, True, "4", None])
 def test_bad_virtual_batch_size(vbs):
     with pytest.raises(ValueError, match=r"GhostBatchNorm2d expected virtual_batch_size to be a positive int"):
-        cnn.GhostBatchNorm2d(3, vbs)
+        cnn.GhostBatchNorm2d(3, virtual_batch_size=vbs)
 
 
 def test_ghost_batches_of_one_value_per_channel_are_refused():
-    layer = cnn.GhostBatchNorm1d(3, 1)
+    layer = cnn.GhostBatchNorm1d(3, virtual_batch_size=1)
     with pytest.raises(ValueError, match="ghost batches of one value per channel"):
         layer(torch.randn(4, 3))
     layer(torch.randn(4, 3, 2))  # (N, C, L): one sample holds L values per channel, which is fine
 
 
 def test_input_errors_and_repr():
-    layer = cnn.GhostBatchNorm1d(3, 4)
+    layer = cnn.GhostBatchNorm1d(3, virtual_batch_size=4)
     assert "virtual_batch_size=4" in repr(layer)
     with pytest.raises(ValueError, match=r"GhostBatchNorm1d expected 2D or 3D input \(got 4D input"):
         layer(torch.randn(8, 3, 2, 2))
 
 
 def test_nonfinite_guard():
-    layer = cnn.GhostBatchNorm1d(3, 2, skip_nonfinite=True)
+    layer = cnn.GhostBatchNorm1d(3, virtual_batch_size=2, skip_nonfinite=True)
     layer(torch.randn(6, 3))
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     bad = torch.randn(6, 3)

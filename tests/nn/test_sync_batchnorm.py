@@ -288,7 +288,7 @@ def test_convert_sync_batchnorm_keeps_weights_buffers_mode_and_options():
         torch.nn.BatchNorm2d(4),
         torch.nn.Sequential(cnn.BatchNorm2d(4, momentum=None, skip_nonfinite=True), torch.nn.SyncBatchNorm(4)),
         cnn.FrozenBatchNorm2d(4),
-        cnn.GhostBatchNorm2d(4, 2),
+        cnn.GhostBatchNorm2d(4, virtual_batch_size=2),
         _UserBN(4),
     )
     model[1](torch.randn(3, 4, 5, 5))  # non-trivial running statistics

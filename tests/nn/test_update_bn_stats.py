@@ -23,7 +23,7 @@ def _mixed_model():
         cnn.BatchNorm1d(4, momentum=None),
         cnn.BatchRenorm1d(4, r_max=2.0, d_max=1.0),
         torch.nn.Linear(4, 4),
-        cnn.GhostBatchNorm1d(4, 64),  # one ghost batch per batch here
+        cnn.GhostBatchNorm1d(4, virtual_batch_size=64),  # one ghost batch per batch here
         cnn.FrozenBatchNorm1d(4),
         torch.nn.BatchNorm1d(4, track_running_stats=False),
         torch.nn.Dropout(0.5),

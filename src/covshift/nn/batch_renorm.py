@@ -7,7 +7,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from covshift.functional.batchnorm import BatchNormFunction, acc_dtype, batch_stats, check_batch_size
+from covshift.functional.batchnorm import acc_dtype, batch_norm, batch_stats, check_batch_size
+from covshift.nn._checks import check_eps
 from covshift.nn._running import advance_running_stats
 from covshift.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -65,26 +66,33 @@ _DOC = r"""
     State: torch's BatchNorm parameters and buffers, so a checkpoint loads into ``torch.nn.BatchNorm*``
     (for inference) and back with ``strict=True``.
 
+    The positional arguments are torch's, in torch's order; everything covshift adds is keyword-only,
+    so ``BatchRenorm2d(*args)`` accepts exactly what ``torch.nn.BatchNorm2d(*args)`` does.
+
     Args:
         num_features: ``C``, the number of channels.
         eps: added to the variances. Default ``1e-5``.
         momentum: running-average factor, or ``None`` for a cumulative average. Default ``0.1``.
         affine: learnable ``weight`` (``gamma``) and ``bias`` (``beta``). Default ``True``.
-        r_max: final bound of ``r``, ``>= 1``. Default ``3.0``.
-        d_max: final bound of ``|d|``, ``>= 0``. Default ``5.0``.
-        warmup_steps: training steps run as plain BatchNorm (``r_max = 1, d_max = 0``). Default ``0``.
-        r_relax_steps: steps after the warmup over which ``r_max`` grows linearly from 1. Default ``0``.
-        d_relax_steps: steps after the warmup over which ``d_max`` grows linearly from 0. Default ``0``.
+        track_running_stats: as ``torch.nn.BatchNorm*``. Renormalization needs the running statistics:
+            without them (``False`` at construction) the layer is plain BatchNorm. Default ``True``.
         device, dtype: as ``torch.nn.BatchNorm*``.
-        track_running_stats: keyword-only, as ``torch.nn.BatchNorm*``. Renormalization needs the running
-            statistics: without them (``False`` at construction) the layer is plain BatchNorm. Default ``True``.
         bias: keyword-only, as ``torch.nn.BatchNorm*``: with ``affine=True``, whether ``beta`` exists.
+        r_max: keyword-only; final bound of ``r``, ``>= 1``. Default ``3.0``.
+        d_max: keyword-only; final bound of ``|d|``, ``>= 0``. Default ``5.0``.
+        warmup_steps: keyword-only; training steps run as plain BatchNorm (``r_max = 1, d_max = 0``).
+            Default ``0``.
+        r_relax_steps: keyword-only; steps after the warmup over which ``r_max`` grows linearly from 1.
+            Default ``0``.
+        d_relax_steps: keyword-only; steps after the warmup over which ``d_max`` grows linearly from 0.
+            Default ``0``.
         skip_nonfinite: keyword-only; a training batch with NaN or inf does not update the running
             statistics (nor the schedule's step), with a :class:`covshift.nn.NonFiniteBatchWarning`.
 
     Raises:
-        ValueError: ``r_max < 1``, ``d_max < 0``, a negative step count; and as ``covshift.nn.BatchNorm*``
-            for the input (rank, one value per channel, channel count).
+        ValueError: ``r_max < 1``, ``d_max < 0``, a negative step count; in the forward, ``eps <= 0`` in
+            training or ``eps < 0`` in eval (as torch); and as ``covshift.nn.BatchNorm*`` for the input
+            (rank, one value per channel, channel count).
 """
 
 
@@ -102,16 +110,16 @@ class _BatchRenormMixin:
         eps: float = 1e-5,
         momentum: Optional[float] = 0.1,
         affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        bias: bool = True,
         r_max: float = 3.0,
         d_max: float = 5.0,
         warmup_steps: int = 0,
         r_relax_steps: int = 0,
         d_relax_steps: int = 0,
-        device: Any = None,
-        dtype: Optional[torch.dtype] = None,
-        *,
-        track_running_stats: bool = True,
-        bias: bool = True,
         skip_nonfinite: bool = False,
     ) -> None:
         owner = type(self).__name__
@@ -152,24 +160,28 @@ class _BatchRenormMixin:
         self._check_channels(input)
         if not self.training or self.running_mean is None or self.running_var is None or input.numel() == 0:
             return super().forward(input)  # plain BatchNorm: inference, or no running statistics to correct by
+        check_eps(type(self).__name__, self.eps, training=True)
         check_batch_size(input)
         acc = acc_dtype(input.dtype)
         r_lim, d_lim = self.limits()
-        with torch.no_grad():
+        with torch.no_grad():  # r and d are constants for the backward (stop-gradient)
             mean, var = batch_stats(input.detach())
             invstd = torch.rsqrt(var + self.eps)
             running_invstd = torch.rsqrt(self.running_var.to(acc) + self.eps)
-            r = (running_invstd / invstd).clamp(1.0 / r_lim, r_lim)  # sigma_B / sigma
-            d = ((mean - self.running_mean.to(acc)) * running_invstd).clamp(-d_lim, d_lim)
-        if self.track_running_stats and not self._nonfinite_batch(input):
-            advance_running_stats(self, mean, var, input.numel() // input.shape[1])
+            r = (running_invstd / invstd).clamp(1.0 / r_lim, r_lim)  # sigma_B / sigma, (C,)
+            d = ((mean - self.running_mean.to(acc)) * running_invstd).clamp(-d_lim, d_lim)  # (C,)
         if self.weight is None:  # gamma = 1, beta = 0
             weight, bias = r, d
-        else:  # gamma * (x_hat_B * r + d) + beta
+        else:  # gamma * (x_hat_B * r + d) + beta; autograd gives dgamma = r sum(dy x_hat_B) + d sum(dy)
             weight = self.weight * r.to(self.weight.dtype)
             bias = self.weight * d.to(self.weight.dtype)
             bias = bias if self.bias is None else self.bias + bias
-        return BatchNormFunction.apply(input, weight, bias, mean, invstd, True, self.eps)
+        # Batch statistics, no running buffers: the core normalizes with (mean, var) of this batch again.
+        out = batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
+        # After the forward succeeded, so that an error leaves the statistics as they were.
+        if self.track_running_stats and not self._nonfinite_batch(input):
+            advance_running_stats(self, mean, var, input.numel() // input.shape[1])
+        return out
 
 
 class BatchRenorm1d(_BatchRenormMixin, BatchNorm1d):

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 
 from covshift.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from covshift.nn.swap import replace_modules, swap_class
 
 __all__ = ["convert"]
 
@@ -18,23 +19,13 @@ _TO_COVSHIFT = {
 _TO_TORCH = {v: k for k, v in _TO_COVSHIFT.items()}
 
 
-def _swap(module: torch.nn.Module, cls: type) -> torch.nn.Module:
-    new = cls.__new__(cls)
-    # Share the same Parameter and buffer objects (not copies): an optimizer built before the
-    # conversion keeps updating the live weights, and device, dtype and values carry over exactly.
-    new.__dict__.update(module.__dict__)
-    new.__dict__["_parameters"] = dict(module._parameters)
-    new.__dict__["_buffers"] = dict(module._buffers)
-    new.__dict__["_modules"] = dict(module._modules)
-    return new
-
-
 def convert(model: torch.nn.Module, to: Literal["covshift", "torch"] = "covshift") -> torch.nn.Module:
     """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``model`` (nested too) with covshift's.
 
     ``to="torch"`` goes back. Parameters and buffers are the *same* tensors, so values, device,
-    dtype, ``requires_grad``, an existing optimizer's references, and each layer's train/eval mode
-    and hyper-parameters are kept. Only exact classes are swapped: user subclasses of torch's
+    dtype, ``requires_grad``, an existing optimizer's references, and each layer's train/eval mode,
+    hyper-parameters and hooks are kept (:mod:`covshift.nn.swap`); a layer shared by several parents
+    stays shared. Only exact classes are swapped: user subclasses of torch's
     BatchNorm (and ``SyncBatchNorm``) keep their own behaviour.
 
     The model is changed in place and returned; when ``model`` itself is a BatchNorm layer the
@@ -49,10 +40,4 @@ def convert(model: torch.nn.Module, to: Literal["covshift", "torch"] = "covshift
         table = _TO_TORCH
     else:
         raise ValueError(f"convert(to=...) expected 'covshift' or 'torch', got {to!r}")
-    if type(model) in table:
-        return _swap(model, table[type(model)])
-    for name, child in model.named_children():
-        converted = convert(child, to)
-        if converted is not child:
-            setattr(model, name, converted)
-    return model
+    return replace_modules(model, lambda name, m: swap_class(m, table[type(m)]) if type(m) in table else None)

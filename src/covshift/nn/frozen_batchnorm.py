@@ -9,8 +9,9 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from covshift.functional.batchnorm import batch_norm
+from covshift.nn._checks import check_eps
 from covshift.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormMixin
-from covshift.nn.convert import _swap
+from covshift.nn.swap import replace_modules, swap_class
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze", "unfreeze"]
 
@@ -31,14 +32,24 @@ _DOC = r"""
     ``strict=True``. :func:`freeze` turns existing BatchNorm layers into these in place, keeping the
     tensors themselves; :func:`unfreeze` turns them back.
 
+    The constructor takes torch's arguments in torch's order, so that ``FrozenBatchNorm2d(*args)`` builds
+    the layer ``torch.nn.BatchNorm2d(*args)`` would, frozen.
+
     Args:
         num_features: ``C``, the number of channels.
         eps: added to the variance. Default ``1e-5``.
+        momentum: kept as an attribute (it is what :func:`unfreeze` trains with); a frozen layer never
+            uses it. Default ``0.1``.
         affine: keep ``weight`` and ``bias`` (ones and zeros until loaded). Default ``True``.
+        track_running_stats: must be ``True`` (the fixed statistics are the running ones).
         device, dtype: as ``torch.nn.BatchNorm*``.
         bias: keyword-only, as ``torch.nn.BatchNorm*``: with ``affine=True``, whether ``beta`` exists.
         skip_nonfinite: accepted for uniformity with every covshift BatchNorm layer; a frozen layer
             never updates its statistics, so it has nothing to skip.
+
+    Raises:
+        ValueError: ``track_running_stats=False``; ``eps < 0`` in the forward (as torch in eval); and as
+            ``covshift.nn.BatchNorm*`` for the input (rank, channel count).
 """
 
 
@@ -51,14 +62,25 @@ class _FrozenBatchNormMixin:
         self,
         num_features: int,
         eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
         affine: bool = True,
+        track_running_stats: bool = True,
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
         *,
         bias: bool = True,
         skip_nonfinite: bool = False,
     ) -> None:
-        super().__init__(num_features, eps, 0.1, affine, True, device, dtype, bias=bias, skip_nonfinite=skip_nonfinite)
+        if not track_running_stats:
+            raise ValueError(
+                f"{type(self).__name__} expected track_running_stats=True, got {track_running_stats!r}: a frozen "
+                "layer normalizes with its fixed running statistics, so it must have them. Use "
+                "covshift.nn.BatchNorm* for a layer that normalizes with batch statistics."
+            )
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+            skip_nonfinite=skip_nonfinite,
+        )
         for p in self._parameters.values():
             if p is not None:
                 p.requires_grad_(False)
@@ -71,6 +93,7 @@ class _FrozenBatchNormMixin:
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_channels(input)
+        check_eps(type(self).__name__, self.eps, training=False)
         weight = None if self.weight is None else self.weight.detach()
         bias = None if self.bias is None else self.bias.detach()
         return batch_norm(input, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
@@ -127,34 +150,31 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
     Raises:
         ValueError: a layer without running statistics (``track_running_stats=False`` at construction):
-            it has no fixed statistics to freeze.
+            it has no fixed statistics to freeze. Nothing in ``model`` is changed then.
     """
-    return _freeze(model, "")
-
-
-def _freeze(module: torch.nn.Module, name: str) -> torch.nn.Module:
-    if isinstance(module, _FrozenBatchNormMixin):
-        return module
-    if isinstance(module, _BatchNorm):
-        if module.running_mean is None or module.running_var is None:
+    for name, module in model.named_modules():  # refuse before changing anything
+        if isinstance(module, _BatchNorm) and (module.running_mean is None or module.running_var is None):
             raise ValueError(
                 f"freeze: {type(module).__name__} at {name or '<root>'!r} has no running statistics "
                 "(track_running_stats=False at construction), so there is nothing to freeze it to. Build it "
                 "with track_running_stats=True, or leave it out of the model you freeze."
             )
+
+    def frozen(name: str, module: torch.nn.Module) -> Optional[torch.nn.Module]:
+        if isinstance(module, _FrozenBatchNormMixin):
+            return module  # already frozen
+        if not isinstance(module, _BatchNorm):
+            return None
         requires_grad = {k: p.requires_grad for k, p in module._parameters.items() if p is not None}
-        frozen = _swap(module, _frozen_class(module))
-        frozen._unfrozen = (type(module), requires_grad)
-        for p in frozen._parameters.values():
+        layer = swap_class(module, _frozen_class(module))
+        layer._unfrozen = (type(module), requires_grad)
+        for p in layer._parameters.values():
             if p is not None:
                 p.requires_grad_(False)
-        frozen.training = False
-        return frozen
-    for child_name, child in module.named_children():
-        new = _freeze(child, f"{name}.{child_name}" if name else child_name)
-        if new is not child:
-            setattr(module, child_name, new)
-    return module
+        layer.training = False
+        return layer
+
+    return replace_modules(model, frozen)
 
 
 def unfreeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -162,27 +182,25 @@ def unfreeze(model: torch.nn.Module) -> torch.nn.Module:
 
     A layer frozen by :func:`freeze` gets back its original class (so its behaviour and
     hyper-parameters) and its parameters' ``requires_grad`` flags; one built as ``FrozenBatchNorm*``
-    becomes ``covshift.nn.BatchNorm*`` with ``momentum=0.1`` and trainable parameters. Tensors are
+    becomes ``covshift.nn.BatchNorm*`` with its ``momentum`` and trainable parameters. Tensors are
     shared, not copied. Each unfrozen layer takes its parent module's train/eval mode (the mode
     ``model.train()`` / ``model.eval()`` last set); an unfrozen root layer is left in eval.
 
     Returns ``model`` (or the unfrozen layer, when ``model`` is itself a frozen layer).
     """
-    return _unfreeze(model, False)
+    # Each unfrozen layer takes its parent's mode; the root has no parent and stays in eval.
+    parent_mode = {id(c): m.training for m in model.modules() for c in m.children()}
 
-
-def _unfreeze(module: torch.nn.Module, mode: bool) -> torch.nn.Module:
-    if isinstance(module, _FrozenBatchNormMixin):
+    def unfrozen(name: str, module: torch.nn.Module) -> Optional[torch.nn.Module]:
+        if not isinstance(module, _FrozenBatchNormMixin):
+            return None
         cls, requires_grad = module.__dict__.get("_unfrozen", (_UNFROZEN_DEFAULT.get(type(module)), {}))
-        layer = _swap(module, cls)
+        layer = swap_class(module, cls)
         layer.__dict__.pop("_unfrozen", None)
         for k, p in layer._parameters.items():
             if p is not None:
                 p.requires_grad_(requires_grad.get(k, True))
-        layer.training = mode
+        layer.training = parent_mode.get(id(module), False)
         return layer
-    for child_name, child in module.named_children():
-        new = _unfreeze(child, module.training)
-        if new is not child:
-            setattr(module, child_name, new)
-    return module
+
+    return replace_modules(model, unfrozen)

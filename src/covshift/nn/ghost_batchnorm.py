@@ -7,7 +7,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from covshift.functional.batchnorm import BatchNormFunction, batch_stats
+from covshift.functional.batchnorm import batch_norm, batch_stats
+from covshift.nn._checks import check_eps
 from covshift.nn._running import advance_running_stats
 from covshift.nn.batchnorm import BatchNorm1d, BatchNorm2d
 
@@ -44,16 +45,20 @@ _DOC = r"""
     **Inference** is plain BatchNorm with the running statistics. With ``track_running_stats=False``
     (no buffers) ghost-batch statistics are used in eval too.
 
+    The positional arguments are torch's, in torch's order; ``virtual_batch_size`` is keyword-only and
+    required: ``GhostBatchNorm2d(64, virtual_batch_size=32)``.
+
     Args:
         num_features: ``C``, the number of channels.
-        virtual_batch_size: samples per ghost batch, an int ``>= 1``.
         eps, momentum, affine, track_running_stats, device, dtype: as ``torch.nn.BatchNorm*``.
+        virtual_batch_size: keyword-only, required; samples per ghost batch, an int ``>= 1``.
         bias: keyword-only, as ``torch.nn.BatchNorm*``: with ``affine=True``, whether ``beta`` exists.
         skip_nonfinite: keyword-only; a training batch with NaN or inf does not update the running
             statistics, with a :class:`covshift.nn.NonFiniteBatchWarning`. Default ``False``.
 
     Raises:
-        ValueError: ``virtual_batch_size`` not a positive int; and as ``covshift.nn.BatchNorm*`` for the
+        ValueError: ``virtual_batch_size`` not a positive int; in the forward, ``eps <= 0`` in training or
+            ``eps < 0`` in eval (as torch); and as ``covshift.nn.BatchNorm*`` for the
             input (rank, one value per channel, channel count).
 """
 
@@ -64,7 +69,6 @@ class _GhostBatchNormMixin:
     def __init__(
         self,
         num_features: int,
-        virtual_batch_size: int,
         eps: float = 1e-5,
         momentum: Optional[float] = 0.1,
         affine: bool = True,
@@ -73,6 +77,7 @@ class _GhostBatchNormMixin:
         dtype: Optional[torch.dtype] = None,
         *,
         bias: bool = True,
+        virtual_batch_size: int,
         skip_nonfinite: bool = False,
     ) -> None:
         if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
@@ -108,16 +113,14 @@ class _GhostBatchNormMixin:
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch_stats or input.shape[0] <= self.virtual_batch_size or input.numel() == 0:
             return super().forward(input)  # one ghost batch (or inference): plain BatchNorm
+        check_eps(type(self).__name__, self.eps, training=True)
         sizes = self._ghost_sizes(input)
         chunks = input.split(sizes)
-        with torch.no_grad():
-            stats = [batch_stats(chunk.detach()) for chunk in chunks]
-        outs = [
-            BatchNormFunction.apply(chunk, self.weight, self.bias, mean, torch.rsqrt(var + self.eps), True, self.eps)
-            for chunk, (mean, var) in zip(chunks, stats)
-        ]
+        # Each ghost batch is normalized alone by the core, with its own batch statistics.
+        outs = [batch_norm(chunk, None, None, self.weight, self.bias, True, 0.0, self.eps) for chunk in chunks]
         if self.training and self.track_running_stats and not self._nonfinite_batch(input):
             with torch.no_grad():
+                stats = [batch_stats(chunk.detach()) for chunk in chunks]  # (mean_k, biased var_k), (C,) each
                 counts = [c.numel() // c.shape[1] for c in chunks]  # m_k, values per channel
                 m = torch.tensor(counts, dtype=stats[0][0].dtype, device=input.device).unsqueeze(1)
                 means = torch.stack([s[0] for s in stats])  # (K, C)

@@ -20,9 +20,10 @@ from covshift.functional.batchnorm import (
     centered,
     normalize,
 )
+from covshift.nn._checks import check_eps
 from covshift.nn._running import advance_running_stats
 from covshift.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormMixin
-from covshift.nn.convert import _swap
+from covshift.nn.swap import replace_modules, swap_class
 
 __all__ = ["SyncBatchNorm", "ProcessGroupError"]
 
@@ -143,7 +144,8 @@ class SyncBatchNorm(_BatchNormMixin, _BatchNorm):
             emit :class:`covshift.nn.NonFiniteBatchWarning`. Default ``False``.
 
     Raises:
-        ValueError: input of fewer than 2 dimensions; a single value per channel over the global batch.
+        ValueError: input of fewer than 2 dimensions; a single value per channel over the global batch;
+            ``eps <= 0`` in training or ``eps < 0`` in eval (as torch).
         ChannelMismatchError: a wrong channel count.
         ProcessGroupError: ``process_group`` was given but ``torch.distributed`` is not initialised
             (or was destroyed) when the layer trains.
@@ -197,6 +199,7 @@ class SyncBatchNorm(_BatchNormMixin, _BatchNorm):
         group = self._sync_group()
         if group is None:
             return super().forward(input)
+        check_eps(type(self).__name__, self.eps, training=True)  # the same on every process: no collective hangs
 
         channels = input.shape[1]
         local_count = input.numel() // channels
@@ -249,7 +252,7 @@ class SyncBatchNorm(_BatchNormMixin, _BatchNorm):
         The model is changed in place and returned; when ``module`` itself is converted, the new layer
         is returned.
         """
-        return _convert(module, cls, process_group, "")
+        return _convert(module, cls, process_group)
 
 
 _SYNCABLE = (
@@ -258,20 +261,19 @@ _SYNCABLE = (
 )
 
 
-def _convert(module: torch.nn.Module, cls: type, process_group: Any, name: str) -> torch.nn.Module:
-    if type(module) in _SYNCABLE:
-        new = _swap(module, cls)
-        new.process_group = process_group
-        return new
-    if isinstance(module, _BatchNorm) and not getattr(module, "_is_frozen_batchnorm", False):
-        warnings.warn(
-            f"convert_sync_batchnorm left {type(module).__name__} at {name or '<root>'!r} as it is: it is a "
-            "BatchNorm subclass with its own behaviour, so its statistics stay per-process.",
-            UserWarning,
-            stacklevel=3,
-        )
-    for child_name, child in module.named_children():
-        converted = _convert(child, cls, process_group, f"{name}.{child_name}" if name else child_name)
-        if converted is not child:
-            setattr(module, child_name, converted)
-    return module
+def _convert(module: torch.nn.Module, cls: type, process_group: Any) -> torch.nn.Module:
+    def synced(name: str, layer: torch.nn.Module) -> Optional[torch.nn.Module]:
+        if type(layer) in _SYNCABLE:
+            new = swap_class(layer, cls)
+            new.process_group = process_group
+            return new
+        if isinstance(layer, _BatchNorm) and not getattr(layer, "_is_frozen_batchnorm", False):
+            warnings.warn(
+                f"convert_sync_batchnorm left {type(layer).__name__} at {name or '<root>'!r} as it is: it is a "
+                "BatchNorm subclass with its own behaviour, so its statistics stay per-process.",
+                UserWarning,
+                stacklevel=5,  # synced <- replace_modules <- _convert <- convert_sync_batchnorm <- the caller
+            )
+        return None
+
+    return replace_modules(module, synced)
