@@ -15,6 +15,13 @@ from covshift.monitor.gradient_ics import GradientICS, forward_order, gradient_i
 from covshift.monitor.io import load
 from covshift.monitor.records import ChannelStats, Histograms, MonitorRecords
 from covshift.monitor.selection import ACTIVATION_TYPES, NORM_TYPES, select_modules
+from covshift.monitor.signal_propagation import (
+    SignalPropagation,
+    numerical_rank,
+    plot_signal_propagation,
+    signal_propagation,
+    stable_rank,
+)
 
 __all__ = [
     "ActivationMonitor",
@@ -34,4 +41,9 @@ __all__ = [
     "gradient_ics",
     "forward_order",
     "GradientICS",
+    "signal_propagation",
+    "SignalPropagation",
+    "plot_signal_propagation",
+    "numerical_rank",
+    "stable_rank",
 ]
