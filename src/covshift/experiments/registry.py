@@ -1,55 +1,70 @@
-"""The named experiments. A new experiment is a new entry here: a config, its arms, and what to watch."""
+"""The registry of experiments: ``register(Experiment(...))`` makes ``covshift run NAME`` work.
+
+The built-in ``fig1`` lives in :mod:`covshift.experiments.fig1`; the literature experiments in
+:mod:`covshift.experiments.papers` register themselves when that package is imported, which
+happens the first time the registry is read.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+import importlib
+from typing import Iterator, Mapping
 
-from torch import nn
+from covshift.experiments.config import ConfigError
+from covshift.experiments.declaration import Experiment
 
-from covshift.experiments.config import ConfigError, ExperimentConfig, apply_overrides
-from covshift.experiments.data import Dataset
-from covshift.experiments.models import MLP
+__all__ = ["EXPERIMENTS", "register", "get_experiment", "experiments"]
 
-__all__ = ["Experiment", "EXPERIMENTS", "get_experiment", "build_mlp"]
-
-
-def build_mlp(config: ExperimentConfig, data: Dataset) -> nn.Module:
-    """The fully connected network of ``config``, sized from the data."""
-    return MLP(data.num_features, config.hidden, data.num_classes, config.norm, config.activation, config.init_std)
+_REGISTRY: dict[str, Experiment] = {}
+_BUILTIN_MODULES = ("covshift.experiments.fig1", "covshift.experiments.papers")
+_loaded = False
 
 
-@dataclass(frozen=True)
-class Experiment:
-    """One experiment: networks ("arms") trained side by side on the same data, seed and batches."""
-
-    name: str
-    summary: str  # one line, for `covshift list`
-    config: ExperimentConfig
-    arms: dict[str, dict[str, Any]]  # arm name -> config overrides, e.g. {"bn": {"norm": "bn"}}
-    build_model: Callable[[ExperimentConfig, Dataset], nn.Module] = build_mlp
-    # Which modules the activation monitor watches (qualified-name globs), and the layer whose single
-    # units are recorded one by one (the paper's "one typical sigmoid of the last hidden layer").
-    watch: tuple[str, ...] = ("*.act",)
-    unit_layer: Optional[Callable[[ExperimentConfig], str]] = field(default=lambda c: f"hidden{len(c.hidden)}.act")
-
-    def arm_config(self, config: ExperimentConfig, arm: str) -> ExperimentConfig:
-        return apply_overrides(config, self.arms[arm])
+def register(experiment: Experiment, *, overwrite: bool = False) -> Experiment:
+    """Add ``experiment`` under its name (a ``ValueError`` if the name is taken and not ``overwrite``)."""
+    if not isinstance(experiment, Experiment):
+        raise TypeError(f"register: expected an Experiment, got {type(experiment).__name__}")
+    if experiment.name in _REGISTRY and not overwrite and _REGISTRY[experiment.name] is not experiment:
+        raise ValueError(f"an experiment named {experiment.name!r} is already registered; pass overwrite=True to replace it")
+    _REGISTRY[experiment.name] = experiment
+    return experiment
 
 
-EXPERIMENTS: dict[str, Experiment] = {
-    "fig1": Experiment(
-        name="fig1",
-        summary="Ioffe & Szegedy 2015, Figure 1: MNIST MLP (3x100 sigmoid) with and without BatchNorm, "
-        "test accuracy and the drift of the last hidden layer's sigmoid inputs",
-        config=ExperimentConfig(),
-        arms={"no-bn": {"norm": "none"}, "bn": {"norm": "bn"}},
-    ),
-}
+def _load() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
+
+
+class _Experiments(Mapping[str, Experiment]):
+    """A read-only view of the registry that loads the built-in experiments on first use."""
+
+    def __getitem__(self, name: str) -> Experiment:
+        _load()
+        return _REGISTRY[name]
+
+    def __iter__(self) -> Iterator[str]:
+        _load()
+        return iter(list(_REGISTRY))
+
+    def __len__(self) -> int:
+        _load()
+        return len(_REGISTRY)
+
+
+EXPERIMENTS: Mapping[str, Experiment] = _Experiments()
+
+
+def experiments() -> list[Experiment]:
+    """Every registered experiment, in registration order."""
+    return [EXPERIMENTS[n] for n in EXPERIMENTS]
 
 
 def get_experiment(name: str) -> Experiment:
+    _load()
     try:
-        return EXPERIMENTS[name]
+        return _REGISTRY[name]
     except KeyError:
-        raise ConfigError(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))} (see `covshift list`)") from None
+        raise ConfigError(f"unknown experiment {name!r}; available: {', '.join(sorted(_REGISTRY))} (see `covshift list`)") from None

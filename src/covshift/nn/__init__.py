@@ -6,6 +6,7 @@ from covshift.nn.convert import convert
 from covshift.nn.frozen_batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze
 from covshift.nn.fuse import fuse_bn
 from covshift.nn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d
+from covshift.nn.norms import create_norm_layer, get_norm_layer, norm_names, register_norm
 from covshift.nn.stats import update_bn_stats
 from covshift.nn.sync_batchnorm import ProcessGroupError, SyncBatchNorm
 
@@ -31,5 +32,10 @@ __all__ = [
     "unfreeze",
     # tools
     "update_bn_stats",
+    # normalization layers by name
+    "get_norm_layer",
+    "create_norm_layer",
+    "register_norm",
+    "norm_names",
     "fuse_bn",
 ]

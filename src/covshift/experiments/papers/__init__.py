@@ -1,0 +1,1 @@
+"""Experiments from the BatchNorm and ICS literature (filled in by the papers' issue)."""
