@@ -158,9 +158,9 @@ class _BatchRenormMixin:
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_channels(input)
+        check_eps(type(self).__name__, self.eps, self.training)
         if not self.training or self.running_mean is None or self.running_var is None or input.numel() == 0:
             return super().forward(input)  # plain BatchNorm: inference, or no running statistics to correct by
-        check_eps(type(self).__name__, self.eps, training=True)
         check_batch_size(input)
         acc = acc_dtype(input.dtype)
         r_lim, d_lim = self.limits()

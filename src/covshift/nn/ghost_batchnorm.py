@@ -110,10 +110,10 @@ class _GhostBatchNormMixin:
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_channels(input)
+        check_eps(type(self).__name__, self.eps, self.training)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch_stats or input.shape[0] <= self.virtual_batch_size or input.numel() == 0:
             return super().forward(input)  # one ghost batch (or inference): plain BatchNorm
-        check_eps(type(self).__name__, self.eps, training=True)
         sizes = self._ghost_sizes(input)
         chunks = input.split(sizes)
         # Each ghost batch is normalized alone by the core, with its own batch statistics.

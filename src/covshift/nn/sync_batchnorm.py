@@ -196,10 +196,10 @@ class SyncBatchNorm(_BatchNormMixin, _BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_channels(input)
+        check_eps(type(self).__name__, self.eps, self.training)  # the same on every process: no collective hangs
         group = self._sync_group()
         if group is None:
             return super().forward(input)
-        check_eps(type(self).__name__, self.eps, training=True)  # the same on every process: no collective hangs
 
         channels = input.shape[1]
         local_count = input.numel() // channels
