@@ -1,4 +1,6 @@
-"""The statistics kernels against NumPy on the same values."""
+"""The statistics kernels against NumPy brute force, and the C++ kernels against the torch reference."""
+
+import math
 
 import numpy as np
 import pytest
@@ -7,6 +9,12 @@ import torch
 from covshift.monitor import stats
 
 QS = (0.0, 1.0, 15.0, 50.0, 85.0, 99.0, 100.0)
+PATHS = [pytest.param(True, id="cpp"), pytest.param(False, id="torch")]
+
+
+def _need(fused):
+    if fused and not stats.extension().loaded:
+        pytest.skip(f"C++ monitor kernels unavailable: {stats.extension().error}")
 
 
 def _x(*shape, seed=0, dtype=torch.float32):
@@ -14,54 +22,80 @@ def _x(*shape, seed=0, dtype=torch.float32):
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
 
 
-def _moments(x, path):
-    """(mean, std, min, max, sample) from the hook (subsampled path) or from the sample at flush."""
-    if path == "hook":  # positions covering every value take the subsampling code path
-        r = stats.reduce(x, torch.arange(x.numel()))
-        m = [float(r.mean), float(r.sq_dev), float(r.min), float(r.max)]
-    else:
-        r = stats.reduce(x)
-        assert r.mean is None and r.min is None  # deferred to the flush
-        m = stats.moments_sorted(stats.sort_rows(r.sample[None]))[0].tolist()
-    return m[0], np.sqrt(m[1] / r.numel), m[2], m[3], r
+def _poison(x, seed=0):
+    """Put NaN, +inf and -inf at a few random places of ``x`` (in place)."""
+    flat = x.view(-1)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(flat.numel(), generator=g)[: max(3, flat.numel() // 50)]
+    vals = torch.tensor([math.nan, math.inf, -math.inf], dtype=x.dtype)
+    flat[idx] = vals[torch.arange(len(idx)) % 3]
+    return x
 
 
-@pytest.mark.parametrize("shape", [(1,), (7,), (5, 13), (4, 3, 6, 5)])
+def _brute_moments(v):
+    """[n, mean, M2, min, max, n_nonfinite] over the finite values, in float64 NumPy."""
+    v = np.asarray(v, np.float64).ravel()
+    f = v[np.isfinite(v)]
+    if f.size == 0:
+        return [0, 0.0, 0.0, math.inf, -math.inf, v.size]
+    return [f.size, f.mean(), ((f - f.mean()) ** 2).sum(), f.min(), f.max(), v.size - f.size]
+
+
+def _check_moments(got, want, dtype):
+    got = got.tolist()
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert got[0] == want[0] and got[5] == want[5]
+    assert got[3] == want[3] and got[4] == want[4]  # exact: min and max of the finite values
+    np.testing.assert_allclose(got[1], want[1], rtol=tol, atol=tol)
+    np.testing.assert_allclose(got[2], want[2], rtol=tol * 10, atol=tol)
+
+
+@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("shape", [(1,), (7,), (5, 13), (4, 3, 6, 5), (3, 5000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("path", ["hook", "flush"])
-def test_moments_equal_numpy(shape, dtype, path):
+@pytest.mark.parametrize("poison", [False, True])
+def test_moments_equal_brute_force_over_finite_values(fused, shape, dtype, poison):
+    _need(fused)
     x = _x(*shape, dtype=dtype)
-    mean, std, mn, mx, r = _moments(x, path)
-    v = x.numpy().astype(np.float64).ravel()
-    tol = 1e-12 if dtype == torch.float64 else 1e-6
-    assert r.numel == v.size
-    np.testing.assert_allclose(mean, v.mean(), rtol=tol, atol=tol)
-    np.testing.assert_allclose(std, v.std(), rtol=tol, atol=tol)
-    assert mn == v.min() and mx == v.max()
-    np.testing.assert_array_equal(np.sort(r.sample.numpy()), np.sort(x.numpy().ravel()))
+    if poison:
+        _poison(x)
+    pos = torch.arange(x.numel())
+    mom, sample = stats.moments(x, pos, use_extension=fused)
+    _check_moments(mom, _brute_moments(x.numpy()), dtype)
+    np.testing.assert_array_equal(sample.numpy(), x.numpy().ravel())
 
 
-@pytest.mark.parametrize("path", ["hook", "flush"])
-def test_variance_does_not_cancel_for_large_mean(path):
+@pytest.mark.parametrize("fused", PATHS)
+def test_moments_of_nothing_finite_and_of_an_empty_tensor(fused):
+    _need(fused)
+    for x in (torch.full((10,), math.nan), torch.tensor([math.inf, -math.inf]), torch.zeros(0)):
+        mom, _ = stats.moments(x, None, use_extension=fused)
+        assert mom.tolist() == [0, 0.0, 0.0, math.inf, -math.inf, x.numel()]
+
+
+@pytest.mark.parametrize("fused", PATHS)
+def test_variance_does_not_cancel_for_large_mean(fused):
     # E[x^2] - E[x]^2 in float32 loses every digit here; the two-pass form keeps them.
+    _need(fused)
     x = 1000.0 + 0.01 * _x(10_000, seed=1)
     ref = x.numpy().astype(np.float64).std()
-    np.testing.assert_allclose(_moments(x, path)[1], ref, rtol=1e-3)
+    mom, _ = stats.moments(x, None, use_extension=fused)
+    np.testing.assert_allclose(math.sqrt(mom[2] / mom[0]), ref, rtol=1e-4)
 
 
 def test_reduce_half_and_int_inputs_are_measured_in_float32():
     for x in (_x(50).half(), torch.arange(10)):
-        mean, _, _, _, r = _moments(x, "hook")
-        assert r.mean.dtype == torch.float32 and r.sample.dtype == torch.float32
-        np.testing.assert_allclose(mean, x.double().mean().item(), rtol=1e-3)
-        assert stats.reduce(x).sample.dtype == torch.float32
+        r = stats.reduce(x, torch.arange(x.numel()))
+        assert r.sample.dtype == torch.float32
+        np.testing.assert_allclose(float(r.moments[1]), x.double().mean().item(), rtol=1e-3)
+        assert stats.reduce(x).sample.dtype == torch.float32 and stats.reduce(x).moments is None
 
 
 def test_sample_is_a_copy_not_a_view():
     x = _x(100)
     r, r_sub = stats.reduce(x), stats.reduce(x, torch.arange(100))
     x.zero_()  # an in-place op after the hook must not change what was measured
-    assert r.sample.abs().sum() > 0 and r_sub.sample.abs().sum() > 0 and float(r_sub.max) > 0
+    assert r.sample.abs().sum() > 0 and r_sub.sample.abs().sum() > 0 and float(r_sub.moments[4]) > 0
 
 
 def test_per_channel_moments_equal_numpy():
@@ -84,72 +118,97 @@ def test_sample_positions_are_distinct_sorted_deterministic_and_use_no_global_rn
     assert not torch.equal(p, stats.sample_positions(1000, 100, seed=4, device=torch.device("cpu")))
 
 
-def test_subsample_reads_the_values_at_the_positions_even_for_strided_input():
+@pytest.mark.parametrize("fused", PATHS)
+def test_subsample_reads_the_values_at_the_positions_even_for_strided_input(fused):
+    _need(fused)
     x = _x(8, 30).t()  # non-contiguous
     pos = stats.sample_positions(x.numel(), 50, 0, torch.device("cpu"))
-    r = stats.reduce(x, pos)
+    r = stats.reduce(x, pos, use_extension=fused)
     np.testing.assert_array_equal(r.sample.numpy(), x.contiguous().numpy().ravel()[pos.numpy()])
-    assert float(r.max) == float(x.max())  # moments still use every value
+    assert float(r.moments[4]) == float(x.max())  # moments still use every value
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 10, 101])
-def test_percentiles_equal_numpy_linear(n):
+def _brute_rows(x, valid, edges, t):
+    """Per row: (moments, hist with tails, [n_sat, n_nonpos], finite values in order)."""
+    out = []
+    for row, n in zip(x.numpy(), valid.tolist()):
+        v = row[:n]
+        f = v[np.isfinite(v)].astype(np.float64)
+        inner = np.histogram(f, edges)[0]
+        h = np.concatenate([[(f < edges[0]).sum()], inner, [(f > edges[-1]).sum()]])
+        out.append((_brute_moments(v), h, [(np.abs(f) > t).sum(), (f <= 0).sum()], f))
+    return out
+
+
+@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_equal_numpy_histogram_with_tails_and_fractions(fused, dtype):
+    _need(fused)
+    x = _x(4, 500, dtype=dtype)
+    x[0, :6] = torch.tensor([-2.0, 3.0, -2.5, 0.0, 0.0, 2.5])  # on edges, at 0, at the threshold
+    _poison(x[1:3])
+    x[3, 400:] = math.nan  # beyond valid[3] anyway
+    valid = torch.tensor([500, 500, 450, 400])
+    edges = stats.fixed_edges(-2.0, 3.0, 10, dtype)
+    mom, hist, flags, compact = stats.rows(x, valid, torch.tensor(edges), 2.5, use_extension=fused)
+    for r, (m, h, fl, f) in enumerate(_brute_rows(x, valid, edges, 2.5)):
+        _check_moments(mom[r], m, dtype)
+        np.testing.assert_array_equal(hist[r].numpy(), h)
+        assert flags[r].tolist() == fl and hist[r].sum() == f.size
+        np.testing.assert_array_equal(compact[r, : f.size].numpy(), f)  # finite first, in order
+        assert torch.isnan(compact[r, f.size :]).all()
+
+
+def test_rows_cpp_equal_torch_reference_exactly_but_for_rounding():
+    _need(True)
+    x = _poison(_x(6, 3000, seed=2))
+    x[5] = math.inf
+    valid = torch.tensor([3000, 2999, 3000, 17, 0, 3000])
+    e = torch.tensor(stats.fixed_edges(-3.0, 4.0, 64, torch.float32))
+    a = stats.rows(x, valid, e, 3.0, use_extension=True)
+    b = stats.rows(x, valid, e, 3.0, use_extension=False)
+    for u, v in zip(a[1:], b[1:]):
+        torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(a[0][:, [0, 3, 4, 5]], b[0][:, [0, 3, 4, 5]], rtol=0, atol=0)
+    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 101, 4000])
+def test_percentiles_equal_numpy_linear(fused, n):
+    _need(fused)
     rows = torch.stack([_x(n, seed=s) for s in range(3)])
-    s = stats.sort_rows(rows)
-    got = stats.percentiles_sorted(s, QS).numpy()
-    want = np.percentile(rows.numpy(), QS, axis=1).T
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    counts = torch.tensor([n, max(n - 1, 1), n])
+    want = [np.percentile(r[:c].numpy().astype(np.float64), QS) for r, c in zip(rows, counts.tolist())]
+    got = stats.percentiles_(rows.clone(), counts, QS, use_extension=fused).numpy()
+    np.testing.assert_allclose(got, np.stack(want), rtol=1e-12, atol=1e-12)
 
 
-def test_sort_rows_matches_torch_sort_and_puts_nan_last():
-    x = _x(4, 33)
-    x[1, 5] = float("nan")
-    want = torch.sort(x, dim=1).values
-    s = stats.sort_rows(x)
-    torch.testing.assert_close(s, want, equal_nan=True)
-    assert torch.isnan(s[1, -1]) and not torch.isnan(x[1, -1])  # x itself untouched
-    assert stats.sort_rows(x, inplace=True) is x
-    torch.testing.assert_close(x, want, equal_nan=True)
+def test_percentiles_cpp_equal_torch_reference_exactly():
+    _need(True)
+    rows = torch.stack([_x(777, seed=s) for s in range(4)])
+    counts = torch.tensor([777, 500, 1, 0])
+    a = stats.percentiles_(rows.clone(), counts, QS, use_extension=True)
+    b = stats.percentiles_(rows.clone(), counts, QS, use_extension=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(a[3]).all()  # no values: no percentiles
 
 
-@pytest.mark.parametrize("inplace", [False, True])
-def test_moments_sorted_inplace_equals_copy(inplace):
-    s = stats.sort_rows(_x(3, 50))
-    ref = stats.moments_sorted(s.clone())
-    v = s.numpy().astype(np.float64)
-    got = stats.moments_sorted(s, inplace=inplace)
-    np.testing.assert_allclose(got[:, 0], v.mean(1), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(got[:, 1], ((v - v.mean(1, keepdims=True)) ** 2).sum(1), rtol=1e-5)
-    np.testing.assert_array_equal(got[:, 2:], v[:, [0, -1]])
-    torch.testing.assert_close(got, ref)
+def test_percentiles_permute_the_row_in_place_only():
+    _need(True)
+    row = _x(1, 300)
+    work = row.clone()
+    stats.percentiles_(work, torch.tensor([300]), QS, use_extension=True)
+    np.testing.assert_array_equal(np.sort(work.numpy()), np.sort(row.numpy()))
 
 
-def _counts(s, edges, threshold):
-    probes = torch.tensor(stats.search_probes(edges, threshold, s.dtype), dtype=s.dtype)
-    return stats.counts_sorted(s, probes, None if edges is None else len(edges) - 1)
-
-
-def test_counts_equal_numpy_histogram_with_tails_and_fractions():
-    x = _x(3, 500)
-    x[0, :5] = torch.tensor([-2.0, 3.0, -2.5, 0.0, 0.0])  # values exactly on edges and at 0
-    edges_np = stats.fixed_edges(-2.0, 3.0, 10, torch.float32)
-    s = stats.sort_rows(x)
-    hist, n_sat, n_nonpos = _counts(s, edges_np, 2.5)
-    for row, h, ns, nz in zip(x.numpy(), hist, n_sat, n_nonpos):
-        inner = np.histogram(row, edges_np)[0]
-        want = np.concatenate([[(row < edges_np[0]).sum()], inner, [(row > edges_np[-1]).sum()]])
-        np.testing.assert_array_equal(h, want)
-        assert h.sum() == row.size
-        assert ns == (np.abs(row) > 2.5).sum() and nz == (row <= 0).sum()
-    none_hist, n_sat2, _ = _counts(s, None, 2.5)
-    assert none_hist is None and np.array_equal(n_sat2, n_sat)
-
-
-def test_nan_is_counted_as_overflow():
-    x = torch.tensor([[0.5, float("nan"), -5.0]])
-    hist, n_sat, n_nonpos = _counts(stats.sort_rows(x), np.array([0.0, 1.0]), 3.0)
-    assert hist.tolist() == [[1, 1, 1]] and n_sat.tolist() == [2] and n_nonpos.tolist() == [1]
-    assert stats.search_sorted(stats.sort_rows(x), torch.tensor([np.inf])).tolist() == [[2]]
+def test_use_extension_true_insists_and_false_avoids():
+    if stats.extension().loaded:
+        with pytest.raises(RuntimeError, match="use_extension=True"):
+            stats.moments(torch.arange(3), None, use_extension=True)  # int64: no kernel for it
+    with pytest.raises(RuntimeError, match="use_extension"):
+        with stats.use_extension(True):
+            stats.moments(torch.zeros(3, dtype=torch.float16), None)
 
 
 def test_auto_edges_from_first_measurement():
@@ -164,14 +223,6 @@ def test_auto_edges_from_first_measurement():
     for row in (np.zeros(10, np.float32), np.full(3, np.nan, np.float32), np.full(4, 1e6, np.float32)):
         e = stats.auto_edges(row, 8, 0.5, torch.float32)
         assert np.all(np.isfinite(e)) and np.all(np.diff(e) > 0)
-
-
-def test_search_probes_are_next_values_above_for_inclusive_counts():
-    p = stats.search_probes(np.array([0.0, 1.0]), 2.0, torch.float32)
-    assert p[0] == 0.0 and p[2] == -2.0
-    assert p[1] == np.nextafter(np.float32(1), np.float32(2)) and p[3] == np.nextafter(np.float32(2), np.float32(3))
-    assert p[4] == np.nextafter(np.float32(0), np.float32(1)) > 0
-    assert stats.search_probes(None, 2.0, torch.float64).shape == (3,)
 
 
 def test_fixed_edges_rejects_a_range_too_narrow_for_the_dtype():

@@ -10,7 +10,12 @@ Usage::
             mon.step()              # once per optimizer step
     steps, p50 = mon.series("layers.2.act", "p50")
 
-How it records. Step ``t`` counts calls to :meth:`ActivationMonitor.step`; when ``t % every == 0``
+or, in a loop that is not yours (Lightning, Accelerate, HF Trainer), let the optimizer step it::
+
+    mon = ActivationMonitor(model, optimizer=opt, every=10, log_dir="runs/mlp").attach()
+
+How it records. Step ``t`` counts calls to :meth:`ActivationMonitor.step` (or steps of
+``optimizer``); when ``t % every == 0``
 the monitor is *armed*, and the first forward of ``model`` that follows (in training mode, unless
 ``record_eval``) is measured: every watched module's input (or output) is reduced on its device by
 :func:`covshift.monitor.stats.reduce`, inside the hook. Later forwards in the same step (gradient
@@ -24,8 +29,14 @@ checkpoint and removes them at the next call, so the steps in between cost nothi
 A module called several times in one forward (shared weights, one activation module reused) is
 recorded per call: ``"act"``, ``"act#1"``, ``"act#2"``, ... Only modules are seen: an activation
 called as a function (``torch.sigmoid`` inside ``forward``) is watched through the module before it
-with ``point="output"``. Statistics are per process: under data parallelism each rank measures its
-own shard and nothing is reduced across ranks.
+with ``point="output"``.
+
+Under data parallelism the statistics are per process by default (``reduce="rank"``): each rank
+measures its own shard. With ``reduce="global"`` every flush merges them across the ranks of the
+process group (:mod:`covshift.monitor.distributed`) and only rank 0 writes files.
+
+The flush itself (stage-2 statistics, the host copy, the typed batch) is :mod:`covshift.monitor.flush`;
+the writers are in :mod:`covshift.monitor.io`.
 """
 
 from __future__ import annotations
@@ -44,9 +55,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from covshift.monitor import flush as _flush_mod
 from covshift.monitor import io, stats
 from covshift.monitor.config import MonitorConfig
-from covshift.monitor.records import ChannelStats, Histograms, MonitorRecords
+from covshift.monitor.flush import Pending
+from covshift.monitor.records import ChannelStats, Histograms, Layer, MonitorRecords, RecordKey
 from covshift.monitor.selection import select_modules
 
 __all__ = ["ActivationMonitor", "suspend_monitors"]
@@ -122,6 +135,11 @@ class ActivationMonitor:
         if_exists: what to do when ``log_dir`` already holds a run: ``"error"``, ``"overwrite"``,
             or ``"append"`` (read it back and continue; pass ``start_step``).
         start_step: the step number of the first step (for resumed training).
+        optimizer: a ``torch.optim.Optimizer`` whose every ``step()`` ends a monitor step (through
+            ``Optimizer.register_step_post_hook``, registered on :meth:`attach`, removed on
+            :meth:`detach`), so the training loop needs no :meth:`step` call. Calling
+            :meth:`step` as well is an error (it would count each step twice).
+        process_group: the group over which ``reduce="global"`` merges (default: the world).
 
     Raises:
         ValueError: a bad option, a layer name or glob that selects nothing, or ``channels`` /
@@ -138,6 +156,8 @@ class ActivationMonitor:
         tensorboard: bool = False,
         if_exists: Literal["error", "overwrite", "append"] = "error",
         start_step: int = 0,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        process_group: Any = None,
         **overrides: Any,
     ) -> None:
         config = config if config is not None else MonitorConfig()
@@ -155,8 +175,14 @@ class ActivationMonitor:
                 "tensorboard: expected a log_dir to write events to, got log_dir=None. "
                 "Pass log_dir='runs/<name>'."
             )
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}. Pass the "
+                "optimizer that trains the model, or None and call mon.step() after each optimizer step."
+            )
         self.model = model
         self.config = config
+        self.optimizer = optimizer
         self.modules: list[str] = select_modules(model, config.layers)
         self._channels: dict[str, tuple[int, ...]] = dict(config.channels or {})
         for what, keys in (("channels", self._channels), ("hist_range", config.hist_range)):
@@ -172,26 +198,41 @@ class ActivationMonitor:
         if probe is not None:
             self._probe = probe if isinstance(probe, tuple) else (probe,)
 
-        declared: list[str] = []
+        declared: list[RecordKey] = []
         for name in self.modules:
-            declared += [name] + [f"{name}[{c}]" for c in self._channels.get(name, ())]
+            declared += [RecordKey(name)] + [RecordKey(name, channel=c) for c in self._channels.get(name, ())]
         if self._probe is not None:
-            declared += [f"{n}@probe" for n in declared]
+            declared += [dataclasses.replace(k, probe=True) for k in declared]
         self._declared = declared
         self.records = MonitorRecords(declared)
 
+        # distributed: merge across ranks at flush; only rank 0 writes
+        self._group = process_group
+        self._global = config.reduce == "global"
+        self._writer_rank = True
+        if self._global:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError(
+                    "reduce: expected an initialized torch.distributed process group for "
+                    "reduce='global', got none. Call torch.distributed.init_process_group() first, "
+                    "or use reduce='rank' (per-process statistics)."
+                )
+            self._writer_rank = dist.get_rank(process_group) == 0
+
         # files
-        self.log_dir = None if log_dir is None else Path(log_dir)
+        self.log_dir = None if log_dir is None or not self._writer_rank else Path(log_dir)
         self._jsonl: Optional[io.JsonlWriter] = None
         self._tb: Optional[io.TensorBoardWriter] = None
-        self._tensorboard = tensorboard
-        self._edges: dict[str, np.ndarray] = {}  # point -> fixed edges (float64, representable)
+        self._tensorboard = tensorboard and self.log_dir is not None
+        self._edges: dict[RecordKey, np.ndarray] = {}  # fixed edges per key (float64, representable)
         if self.log_dir is not None:
             previous = io.prepare_log_dir(self.log_dir, if_exists)
             if previous is not None:
                 previous.declare(declared)
                 self.records = previous
-                self._edges.update({n: previous.histograms(n).edges for n in previous.histogram_layers()})
+                self._edges.update({k: previous.histograms(k).edges for k in previous.histogram_keys()})
             self._jsonl = io.JsonlWriter(self.log_dir / io.JSONL_NAME)
         self._meta_written = False
         self._last_npz = -math.inf
@@ -203,12 +244,13 @@ class ActivationMonitor:
         self._recording = False  # inside a root forward that is being measured
         self._probing = False
         self._calls: dict[str, int] = {}
-        self._pending: list[tuple[int, str, str, stats.Reduced]] = []  # (step, point, module, r)
+        self._pending: list[Pending] = []
         self._pending_steps = 0
         self._attached = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._opt_handle: Optional[torch.utils.hooks.RemovableHandle] = None
+        self._in_opt_hook = False
         self._positions: dict[tuple[int, torch.device], Tensor] = {}
-        self._probe_tensors: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
         self._warned_idle = False
         self._probed_step: Optional[int] = None
 
@@ -217,20 +259,26 @@ class ActivationMonitor:
         """Start monitoring (idempotent). Measures the probe batch if this step is a checkpoint.
 
         Hooks are registered only while a checkpoint step is armed (from the :meth:`step` call
-        that arms it to the next one), so the steps in between run at full speed.
+        that arms it to the next one), so the steps in between run at full speed. With
+        ``optimizer=``, also registers the optimizer's step post-hook.
         """
         if self._attached:
             return self
         self._attached = True
         self._write_meta()
+        if self.optimizer is not None:
+            self._opt_handle = self.optimizer.register_step_post_hook(self._on_optimizer_step)
         if self._armed:
             self._register()
             self._maybe_probe()
         return self
 
     def detach(self) -> None:
-        """Stop monitoring and remove every hook. Recorded data stays available."""
+        """Stop monitoring and remove every hook (the optimizer's too). Recorded data stays available."""
         self._unregister()
+        if self._opt_handle is not None:
+            self._opt_handle.remove()
+            self._opt_handle = None
         self._attached = False
 
     @property
@@ -283,11 +331,32 @@ class ActivationMonitor:
     # -- the training loop's side ----------------------------------------------------------
     @property
     def global_step(self) -> int:
-        """The current step: the number of :meth:`step` calls, plus ``start_step``."""
+        """The current step: the number of :meth:`step` calls (or optimizer steps), plus ``start_step``."""
         return self._step
 
+    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._in_opt_hook = True
+        try:
+            self._advance()
+        finally:
+            self._in_opt_hook = False
+
     def step(self) -> None:
-        """End the current optimizer step. Call once per step, after ``optimizer.step()``."""
+        """End the current optimizer step. Call once per step, after ``optimizer.step()``.
+
+        Raises:
+            RuntimeError: the monitor was given ``optimizer=``, which already steps it.
+        """
+        if self.optimizer is not None and not self._in_opt_hook:
+            raise RuntimeError(
+                "ActivationMonitor.step(): expected no explicit step() calls on a monitor created with "
+                f"optimizer= (its {type(self.optimizer).__name__}.step() already ends each monitor step; "
+                "calling both would count every step twice). Remove the mon.step() call, or create the "
+                "monitor without optimizer=."
+            )
+        self._advance()
+
+    def _advance(self) -> None:
         if self._armed and self._attached and not self._warned_idle:
             self._warned_idle = True
             warnings.warn(
@@ -296,7 +365,7 @@ class ActivationMonitor:
                 "suspend_monitors()). The monitor records the first training-mode forward of the "
                 "model it was given after each checkpoint step; pass record_eval=True to record "
                 "eval-mode forwards. (Warned once.)",
-                stacklevel=2,
+                stacklevel=3,
             )
         self._step += 1
         self._armed = self._step % self.config.every == 0
@@ -312,6 +381,9 @@ class ActivationMonitor:
 
     def flush(self, write_histograms: bool = True) -> None:
         """Move pending results to the host and write them out.
+
+        Under ``reduce="global"`` this is a collective: every rank of the group must call it
+        (leaving the ``with`` block calls it).
 
         Args:
             write_histograms: also rewrite ``histograms.npz`` now (it holds the whole run, so it is
@@ -360,11 +432,10 @@ class ActivationMonitor:
         # Shape-only Python logic here: nothing reads a value back from the device.
         c = self._calls.get(name, 0)
         self._calls[name] = c + 1
-        base = name if c == 0 else f"{name}#{c}"
-        suffix = "@probe" if self._probing else ""
+        key = RecordKey(name, c, None, self._probing)
         r = self._reduce(x, self.config.per_channel)
         if r is not None:
-            self._pending.append((self._step, base + suffix, name, r))
+            self._pending.append(Pending(self._step, key, r))
         extra = self._channels.get(name)
         if extra:
             if x.dim() < 2 or max(extra) >= x.shape[1]:
@@ -376,11 +447,13 @@ class ActivationMonitor:
             for ch in extra:
                 r = self._reduce(x.select(1, ch), False)
                 if r is not None:
-                    self._pending.append((self._step, f"{base}[{ch}]{suffix}", name, r))
+                    self._pending.append(Pending(self._step, RecordKey(name, c, ch, self._probing), r))
 
     def _reduce(self, x: Tensor, per_channel: bool) -> Optional[stats.Reduced]:
         n = x.numel()
-        if n == 0 or x.is_complex():
+        # Under reduce="global" an empty shard still gives a record (count 0), so that every rank
+        # has the same records in the same order.
+        if (n == 0 and not self._global) or x.is_complex():
             return None
         positions = None
         if n > self.config.sample_size:
@@ -415,24 +488,17 @@ class ActivationMonitor:
                     b.copy_(saved)
 
     # -- flush: device -> host, then files -------------------------------------------------
-    def _user_range(self, module: str) -> Optional[tuple[float, float]]:
-        rng = self.config.hist_range
-        return rng.get(module) if isinstance(rng, Mapping) else rng
-
-    def _probes(self, point: str, dtype: torch.dtype, device: torch.device) -> Tensor:
-        key = (point, dtype, device)
-        t = self._probe_tensors.get(key)
-        if t is None:
-            probes = stats.search_probes(self._edges[point], self.config.saturation_threshold, dtype)
-            t = self._probe_tensors[key] = torch.tensor(probes, dtype=dtype, device=device)
-        return t
-
     def _flush(self, force_npz: bool) -> None:
         pending, self._pending = self._pending, []
         self._pending_steps = 0
-        if pending:
+        if self._global:
+            self._flush_global(pending)
+        elif pending:
             with _one_cpu_thread():
-                self._process(pending)
+                new = _flush_mod.decide_edges(pending, self._edges, self.config)
+                self._edges.update(new)
+                ls = _flush_mod.layer_stats(pending, self._edges, self.config)
+                self._write(_flush_mod.finish(ls, self._edges, self.config))
         if self.log_dir is None:
             return
         now = time.monotonic()
@@ -440,98 +506,49 @@ class ActivationMonitor:
             io.write_histograms(self.log_dir / io.NPZ_NAME, self.records)
             self._last_npz, self._npz_dirty = now, False
 
-    def _process(self, pending: list[tuple[int, str, str, stats.Reduced]]) -> None:
-        cfg = self.config
-        # Fix the edges of points seen for the first time: from the user's range, else from the
-        # first measurement (one extra sync, once per point in the whole run).
-        new: dict[str, stats.Reduced] = {}
-        for _, point, module, r in pending:
-            if point not in self._edges and point not in new:
-                rng = self._user_range(module)
-                if rng is not None:
-                    self._edges[point] = stats.fixed_edges(rng[0], rng[1], cfg.hist_bins, r.sample.dtype)
-                else:
-                    new[point] = r
-        if new:
-            firsts = stats.to_host([stats.sort_rows(r.sample[None]) for r in new.values()])
-            for (point, r), s in zip(new.items(), firsts):
-                self._edges[point] = stats.auto_edges(s[0], cfg.hist_bins, cfg.hist_pad, r.sample.dtype)
+    def _flush_global(self, pending: list[Pending]) -> None:
+        # Every rank calls this with the same records in the same order (the same modules at the
+        # same steps). New keys take rank 0's edges (one broadcast, once per key); then one merge.
+        import torch.distributed as dist
 
-        # Group records that can be stacked: same point, sample length and dtype, and the same
-        # kind (moments from the hook, or from the sample when the sample is every value).
-        groups: dict[tuple, list[int]] = {}
-        for i, (_, point, _, r) in enumerate(pending):
-            key = (
-                point, r.sample.numel(), r.sample.dtype, r.mean is None,
-                None if r.channel is None else r.channel[0].numel(),
+        from covshift.monitor.distributed import merge_across_ranks
+
+        counts = [len(pending)]
+        if dist.get_world_size(self._group) > 1:
+            sizes: list[Any] = [None] * dist.get_world_size(self._group)
+            dist.all_gather_object(sizes, (len(pending), [str(p.key) for p in pending[:1]]), group=self._group)
+            counts = [s[0] for s in sizes]
+        if any(c != counts[0] for c in counts):
+            raise RuntimeError(
+                f"reduce='global': expected every rank to have recorded the same records, got "
+                f"{counts} records on ranks 0..{len(counts) - 1}. Every rank must run the same "
+                "forwards at the same steps (the same model, no rank-dependent eval forwards)."
             )
-            groups.setdefault(key, []).append(i)
+        if not pending:
+            return
+        with _one_cpu_thread():
+            new = _flush_mod.decide_edges(pending, self._edges, self.config)
+            if any(p.key not in self._edges for p in pending):
+                box = [new]
+                src = dist.get_global_rank(self._group, 0) if self._group is not None else 0
+                dist.broadcast_object_list(box, src=src, group=self._group)
+                new = box[0]
+            self._edges.update(new)
+            ls = _flush_mod.layer_stats(pending, self._edges, self.config)
+            ls = merge_across_ranks(ls, group=self._group)
+            batch = _flush_mod.finish(ls, self._edges, self.config)
+        if self._writer_rank:
+            self._write(batch)
 
-        tensors: list[Tensor] = []
-        for (point, _, _, exact, _), idx in groups.items():
-            recs = [pending[i][3] for i in idx]
-            s = stats.sort_rows(torch.stack([r.sample for r in recs]), inplace=True)  # (R, n)
-            pct = stats.percentiles_sorted(s, cfg.percentiles)  # (R, P)
-            below = stats.search_sorted(s, self._probes(point, s.dtype, s.device))  # (R, B + 5)
-            if exact:  # last: it overwrites s
-                moments = stats.moments_sorted(s, inplace=True)
-            else:
-                moments = torch.stack([t for r in recs for t in (r.mean, r.sq_dev, r.min, r.max)])
-            tensors += [moments.view(len(recs), 4), pct, below]
-            if recs[0].channel is not None:
-                tensors += [torch.stack([r.channel[k] for r in recs]) for k in range(3)]  # type: ignore[index]
-        host = iter(stats.to_host(tensors))
-
-        # Host side, vectorized per group; then one chunk per point, in recording order.
-        base = ["mean", "std", "min", "max", *(f"p{q:g}" for q in cfg.percentiles), "frac_saturated", "frac_zero"]
-        per_point: dict[str, list[tuple]] = {}
-        for (point, k, _, _, channels), idx in groups.items():
-            moments, pct, below = (next(host) for _ in range(3))
-            hist, n_sat, n_nonpos = stats.counts_from_search(below, k, cfg.hist_bins)
-            numel = np.array([pending[i][3].numel for i in idx], dtype=np.float64)
-            cols = [
-                moments[:, 0], np.sqrt(np.maximum(moments[:, 1], 0) / numel), moments[:, 2], moments[:, 3],
-                *pct.T, n_sat / k, n_nonpos / k,
-            ]
-            names = list(base)
-            cm = cs = None
-            if channels is not None:
-                cm, cv, cx = (next(host).astype(np.float64) for _ in range(3))
-                cs = np.sqrt(np.maximum(cv, 0))
-                cols.append((cx <= 0).mean(axis=1))
-                names.append("frac_dead")
-            cols.append(numel)
-            names.append("numel")
-            values = np.stack([np.asarray(c, dtype=np.float64) for c in cols], axis=1)  # (R, S)
-            per_point.setdefault(point, []).append((np.asarray(idx), names, values, hist, cm, cs))
-
-        lines: list[tuple[int, str]] = []
-        for point, parts in per_point.items():
-            idx = np.concatenate([p[0] for p in parts])
-            order = np.argsort(idx, kind="stable")
-            idx = idx[order]
-            names = parts[0][1]
-            values = np.concatenate([p[2] for p in parts])[order]
-            hist = np.concatenate([p[3] for p in parts])[order]
-            cm = None if parts[0][4] is None else np.concatenate([p[4] for p in parts])[order]
-            cs = None if parts[0][5] is None else np.concatenate([p[5] for p in parts])[order]
-            steps = [pending[i][0] for i in idx.tolist()]
-            self.records.add(
-                point, steps, names, values, counts=hist, edges=self._edges[point], channel_mean=cm, channel_std=cs
-            )
-            if self._jsonl is None and not self._tensorboard:
-                continue
-            for j, (i, step) in enumerate(zip(idx.tolist(), steps)):
-                sc = dict(zip(names, values[j].tolist()))
-                if self._jsonl is not None:
-                    c_m, c_s = (None, None) if cm is None else (cm[j], cs[j])  # type: ignore[index]
-                    lines.append((i, io.record_line(step, point, sc, c_m, c_s)))
-                if self._tensorboard:
-                    if self._tb is None:
-                        self._tb = io.TensorBoardWriter(self.log_dir)  # type: ignore[arg-type]
-                    self._tb.write(step, point, sc, hist[j], self._edges[point])
+    def _write(self, batch: _flush_mod.RecordBatch) -> None:
+        """Hand one flush's records to the in-memory records and to every writer."""
+        self.records.add_batch(batch)
         if self._jsonl is not None:
-            self._jsonl.write([line for _, line in sorted(lines)])
+            self._jsonl.write(io.batch_lines(batch))
+        if self._tensorboard:
+            if self._tb is None:
+                self._tb = io.TensorBoardWriter(self.log_dir)  # type: ignore[arg-type]
+            self._tb.write_batch(batch)
         self._npz_dirty = True
 
     def _write_meta(self) -> None:
@@ -546,7 +563,8 @@ class ActivationMonitor:
                 "covshift_version": __version__,
                 "model": type(self.model).__name__,
                 "modules": self.modules,
-                "layers": self._declared,
+                "layers": [str(k) for k in self._declared],
+                "keys": [io.key_fields(k) for k in self._declared],
                 "config": self.config.to_dict(),
             },
         )
@@ -554,7 +572,7 @@ class ActivationMonitor:
 
     # -- views (they flush pending results first) ------------------------------------------
     def _ready(self) -> MonitorRecords:
-        if self._pending:
+        if self._pending and not self._global:  # under reduce="global" only flush() merges
             self._flush(force_npz=False)
         return self.records
 
@@ -564,23 +582,28 @@ class ActivationMonitor:
         variants (``"name@probe"``), then extra calls seen while recording (``"name#1"``)."""
         return self._ready().layers
 
-    def table(self, layers: Optional[Sequence[str]] = None, stats: Optional[Sequence[str]] = None) -> list[dict]:
+    @property
+    def keys(self) -> list[RecordKey]:
+        """The typed identities of :attr:`layers`, in the same order."""
+        return self._ready().keys
+
+    def table(self, layers: Optional[Sequence[Layer]] = None, stats: Optional[Sequence[str]] = None) -> list[dict]:
         """Tidy rows ``{"step", "layer", "stat", "value"}``; see :meth:`MonitorRecords.table`."""
         return self._ready().table(layers, stats)
 
-    def series(self, layer: str, stat: str) -> tuple[np.ndarray, np.ndarray]:
+    def series(self, layer: Layer, stat: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)`` of one statistic of one layer."""
         return self._ready().series(layer, stat)
 
-    def histograms(self, layer: str) -> Histograms:
+    def histograms(self, layer: Layer) -> Histograms:
         """Histograms of one layer over time, on its fixed edges, tails included."""
         return self._ready().histograms(layer)
 
-    def channel_stats(self, layer: str) -> ChannelStats:
+    def channel_stats(self, layer: Layer) -> ChannelStats:
         """Per-channel mean and std over time (``per_channel=True``)."""
         return self._ready().channel_stats(layer)
 
-    def steps(self, layer: str) -> np.ndarray:
+    def steps(self, layer: Layer) -> np.ndarray:
         """Steps at which ``layer`` was recorded."""
         return self._ready().steps(layer)
 

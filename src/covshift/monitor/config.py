@@ -110,6 +110,12 @@ class MonitorConfig:
     seed: int = 0
     """Seed of the private generator that draws sample positions (the global RNG is not used)."""
 
+    reduce: Literal["rank", "global"] = "rank"
+    """Under ``torch.distributed``: ``"rank"`` (default) records each process's own shard, with no
+    communication; ``"global"`` merges every record across the ranks of the process group at each
+    flush (one collective per flush: exact counts, mean, variance, min, max and histograms;
+    percentiles from the ranks' samples pooled), and only rank 0 writes files."""
+
     def __post_init__(self) -> None:
         for name in ("every", "hist_bins", "flush_every", "sample_size", "seed"):
             v = getattr(self, name)
@@ -128,6 +134,11 @@ class MonitorConfig:
             )
         if self.point not in ("input", "output"):
             raise _fail("point", "'input' or 'output'", self.point, "Pick one of the two.")
+        if self.reduce not in ("rank", "global"):
+            raise _fail(
+                "reduce", "'rank' or 'global'", self.reduce,
+                "Use reduce='global' to merge statistics across torch.distributed ranks.",
+            )
         if self.probe_mode not in ("eval", "train"):
             raise _fail("probe_mode", "'eval' or 'train'", self.probe_mode, "Pick one of the two.")
 

@@ -1,19 +1,44 @@
-r"""The flush: stage-2 statistics of the pending stage-1 results, one typed batch for the writers.
+r"""The flush: stage-2 statistics of the pending stage-1 results, as one typed batch for the writers.
 
-Placeholder while the module is written: this commit fixes the :class:`LayerStats` contract that
-:func:`covshift.monitor.distributed.merge_across_ranks` consumes.
+Three pure steps, called by :class:`~covshift.monitor.ActivationMonitor` every ``flush_every``
+recorded steps:
+
+1. :func:`decide_edges`: fixed histogram edges for record keys seen for the first time (from the
+   user's ``hist_range``, else from the first record's sample: one host copy per key per run);
+2. :func:`layer_stats`: the stage-1 results of many records -> :class:`LayerStats`, sufficient
+   statistics that merge exactly across processes (:mod:`covshift.monitor.distributed`), computed
+   on the records' device by the kernels of :mod:`covshift.monitor.stats`, grouped by key;
+3. :func:`finish`: :class:`LayerStats` -> :class:`RecordBatch`: percentiles by selection from the
+   sample, one copy to the host, and the scalar statistics, ready for the writers (JSON Lines, npz,
+   TensorBoard) and for :class:`~covshift.monitor.MonitorRecords`.
+
+Meaning of the statistics: see :mod:`covshift.monitor.stats` (non-finite values are counted in
+``frac_nonfinite`` and left out of every other statistic).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import math
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
+import numpy as np
+import torch
 from torch import Tensor
 
+from covshift.monitor import stats
+from covshift.monitor.config import MonitorConfig
 from covshift.monitor.records import RecordKey
 
-__all__ = ["LayerStats"]
+__all__ = ["Pending", "LayerStats", "RecordBatch", "stat_names", "decide_edges", "layer_stats", "finish"]
+
+
+class Pending(NamedTuple):
+    """One stage-1 result waiting for the flush."""
+
+    step: int
+    key: RecordKey
+    reduced: stats.Reduced
 
 
 # NOTE: covshift.monitor.distributed.merge_across_ranks (engineer A2) depends on this definition:
@@ -88,3 +113,213 @@ class LayerStats:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+def stat_names(percentiles: Sequence[float], channels: bool) -> tuple[str, ...]:
+    """Names of the scalar statistics of one record, in the order of :attr:`RecordBatch.values`."""
+    base = ["mean", "std", "min", "max", *(f"p{q:g}" for q in percentiles)]
+    base += ["frac_saturated", "frac_zero", "frac_nonfinite"]
+    return tuple(base + (["frac_dead"] if channels else []) + ["numel"])
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordBatch:
+    """The records of one flush on the host, in recording order: what every writer consumes.
+
+    Attributes:
+        keys: ``L`` record identities; steps: ``(L,)`` int64.
+        names: the ``S`` scalar names (:func:`stat_names`); values: ``(L, S)`` float64. Rows
+            without per-channel statistics have NaN in ``frac_dead`` (see :meth:`scalars`).
+        hist: ``(L, B + 2)`` int64 histogram counts with tails; edges: each key's ``(B + 1,)`` edges.
+        channel_mean, channel_std: per row, ``(C,)`` float64 arrays, or None.
+    """
+
+    keys: list[RecordKey]
+    steps: np.ndarray
+    names: tuple[str, ...]
+    values: np.ndarray
+    hist: np.ndarray
+    edges: Mapping[RecordKey, np.ndarray]
+    channel_mean: list[Optional[np.ndarray]]
+    channel_std: list[Optional[np.ndarray]]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def row_names(self, i: int) -> tuple[str, ...]:
+        """The scalar names that row ``i`` really has (``frac_dead`` only with channel statistics)."""
+        if self.channel_mean[i] is None and "frac_dead" in self.names:
+            return tuple(n for n in self.names if n != "frac_dead")
+        return self.names
+
+    def scalars(self, i: int) -> dict[str, float]:
+        """Row ``i`` as ``{name: value}``."""
+        names = self.row_names(i)
+        return {n: float(v) for n, v in zip(self.names, self.values[i].tolist()) if n in names}
+
+
+def decide_edges(
+    pending: Sequence[Pending],
+    known: Mapping[RecordKey, np.ndarray],
+    config: MonitorConfig,
+) -> dict[RecordKey, np.ndarray]:
+    """Fixed edges for the keys of ``pending`` not in ``known``: from ``config.hist_range`` for the
+    key's module, else :func:`stats.auto_edges` of the first record's finite sample values."""
+    rng = config.hist_range
+    new: dict[RecordKey, np.ndarray] = {}
+    firsts: dict[RecordKey, stats.Reduced] = {}
+    for p in pending:
+        if p.key in known or p.key in new or p.key in firsts:
+            continue
+        user = rng.get(p.key.module) if isinstance(rng, Mapping) else rng
+        if user is not None:
+            new[p.key] = stats.fixed_edges(user[0], user[1], config.hist_bins, p.reduced.sample.dtype)
+        else:
+            firsts[p.key] = p.reduced
+    if firsts:
+        host = stats.to_host([r.sample for r in firsts.values()])
+        for (key, r), s in zip(firsts.items(), host):
+            new[key] = stats.auto_edges(np.sort(s[np.isfinite(s)]), config.hist_bins, config.hist_pad, r.sample.dtype)
+    return new
+
+
+def layer_stats(
+    pending: Sequence[Pending],
+    edges: Mapping[RecordKey, np.ndarray],
+    config: MonitorConfig,
+    *,
+    use_extension: Optional[bool] = None,
+) -> LayerStats:
+    """Stage 2 on the device: one :class:`LayerStats` row per pending record, in their order.
+
+    Records of one key with the same sample size, dtype and kind (moments from the hook, or from the
+    sample when the sample is every value) are stacked and reduced by one :func:`stats.rows` call.
+    """
+    if not pending:
+        raise ValueError("layer_stats: expected at least one pending record, got none.")
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(pending):
+        r = p.reduced
+        groups.setdefault((p.key, r.sample.numel(), r.sample.dtype, r.moments is None), []).append(i)
+    dtype = torch.float64 if any(p.reduced.sample.dtype == torch.float64 for p in pending) else torch.float32
+    width = max(p.reduced.sample.numel() for p in pending)
+    device = pending[0].reduced.sample.device
+
+    order: list[int] = []
+    moms, hists, flags, samples, counts = [], [], [], [], []
+    for (key, k, _, exact), idx in groups.items():
+        recs = [pending[i].reduced for i in idx]
+        s = torch.stack([r.sample for r in recs])  # (R, k), our own copies
+        valid = torch.full((len(idx),), k, dtype=torch.int64, device=device)
+        e = torch.as_tensor(edges[key], dtype=torch.float64, device=device)
+        mom, hist, fl, compact = stats.rows(s, valid, e, config.saturation_threshold, use_extension=use_extension)
+        counts.append(mom[:, 0].to(torch.int64))  # finite sample values
+        if not exact:  # moments of the whole tensor, from the hook
+            mom = torch.stack([r.moments for r in recs])  # type: ignore[misc]
+        if compact.dtype != dtype or k != width:
+            pad = torch.full((len(idx), width), math.nan, dtype=dtype, device=device)
+            pad[:, :k] = compact
+            compact = pad
+        order += idx
+        moms.append(mom)
+        hists.append(hist)
+        flags.append(fl)
+        samples.append(compact)
+    inverse = torch.empty(len(order), dtype=torch.int64)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    inv = inverse.to(device)
+    cat = lambda ts: torch.cat(ts).index_select(0, inv)  # noqa: E731  (back to recording order)
+    mom, fl = cat(moms), cat(flags)
+
+    out = LayerStats(
+        keys=[p.key for p in pending],
+        steps=torch.tensor([p.step for p in pending], dtype=torch.int64),
+        count=mom[:, 0].to(torch.int64),
+        mean=mom[:, 1].contiguous(),
+        m2=mom[:, 2].contiguous(),
+        min=mom[:, 3].contiguous(),
+        max=mom[:, 4].contiguous(),
+        n_nonfinite=mom[:, 5].to(torch.int64),
+        hist=cat(hists),
+        n_saturated=fl[:, 0].contiguous(),
+        n_nonpositive=fl[:, 1].contiguous(),
+        sample=cat(samples),
+        sample_count=cat(counts),
+    )
+    if any(p.reduced.channel is not None for p in pending):
+        sizes, cnt, cm, cm2, cx = [], [], [], [], []
+        for p in pending:
+            ch = p.reduced.channel
+            c = 0 if ch is None else ch[0].numel()
+            sizes.append(c)
+            per = p.reduced.numel // c if c else 0
+            cnt.append(per)
+            if ch is not None:
+                cm.append(ch[0].double())
+                cm2.append(ch[1].double() * per)
+                cx.append(ch[2].double())
+        out.channel_sizes = torch.tensor(sizes, dtype=torch.int64)
+        out.channel_count = torch.tensor(cnt, dtype=torch.int64)
+        out.channel_mean, out.channel_m2, out.channel_max = torch.cat(cm), torch.cat(cm2), torch.cat(cx)
+    return out
+
+
+def finish(
+    ls: LayerStats,
+    edges: Mapping[RecordKey, np.ndarray],
+    config: MonitorConfig,
+    *,
+    use_extension: Optional[bool] = None,
+) -> RecordBatch:
+    r"""Percentiles from the sample, one host copy, and the scalar statistics of each row.
+
+    With :math:`n` finite values of :math:`N` in the activation and :math:`k` finite sample values:
+    ``mean`` :math:`= \mu`, ``std`` :math:`= \sqrt{M_2/n}`, ``min``, ``max`` (NaN when
+    :math:`n = 0`), percentiles of the :math:`k` values, ``frac_saturated`` and ``frac_zero`` over
+    the :math:`k` values, ``frac_nonfinite`` :math:`= (N - n)/N`, ``numel`` :math:`= N`, and with
+    per-channel statistics ``frac_dead``, the fraction of channels whose max is :math:`\le 0`.
+    ``ls.sample`` is permuted in place.
+    """
+    sample = ls.sample if ls.sample.is_contiguous() else ls.sample.contiguous()
+    pct = stats.percentiles_(sample, ls.sample_count, config.percentiles, use_extension=use_extension)
+    tensors = [ls.count, ls.mean, ls.m2, ls.min, ls.max, ls.n_nonfinite, ls.hist, ls.n_saturated,
+               ls.n_nonpositive, ls.sample_count, pct]
+    has_channels = ls.channel_sizes is not None
+    if has_channels:
+        tensors += [ls.channel_count, ls.channel_mean, ls.channel_m2, ls.channel_max]
+    host = stats.to_host(tensors)
+    count, mean, m2, mn, mx, nonfinite, hist, sat, nonpos, scount, pct_h = host[:11]
+    n = count.astype(np.float64)
+    k = scount.astype(np.float64)
+    numel = n + nonfinite
+    with np.errstate(divide="ignore", invalid="ignore"):
+        empty = n == 0
+        cols = [
+            np.where(empty, np.nan, mean), np.where(empty, np.nan, np.sqrt(np.maximum(m2, 0) / n)),
+            np.where(empty, np.nan, mn), np.where(empty, np.nan, mx), *pct_h.T,
+            sat / k, nonpos / k, np.where(numel > 0, nonfinite / numel, np.nan),
+        ]
+    L = len(ls)
+    c_mean: list[Optional[np.ndarray]] = [None] * L
+    c_std: list[Optional[np.ndarray]] = [None] * L
+    if has_channels:
+        sizes = ls.channel_sizes.tolist()  # type: ignore[union-attr]
+        per, cm, cm2, cx = host[11:]
+        dead = np.full(L, np.nan)
+        start = 0
+        for i, c in enumerate(sizes):
+            if c:
+                sl = slice(start, start + c)
+                c_mean[i] = cm[sl]
+                c_std[i] = np.sqrt(np.maximum(cm2[sl], 0) / max(int(per[i]), 1))
+                dead[i] = float((cx[sl] <= 0).mean())
+                start += c
+        cols.append(dead)
+    cols.append(numel)
+    names = stat_names(config.percentiles, has_channels)
+    values = np.stack([np.asarray(c, dtype=np.float64) for c in cols], axis=1) if L else np.zeros((0, len(names)))
+    return RecordBatch(
+        keys=list(ls.keys), steps=ls.steps.numpy().astype(np.int64), names=names, values=values,
+        hist=hist.astype(np.int64), edges={key: edges[key] for key in ls.keys},
+        channel_mean=c_mean, channel_std=c_std,
+    )

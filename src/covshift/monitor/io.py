@@ -9,30 +9,37 @@ Layout of a run directory::
 
 A line of ``monitor.jsonl``::
 
-    {"step": 10, "layer": "fc1.act", "mean": 0.01, "std": 1.2, "min": -4.1, "max": 3.9,
-     "p1": -2.8, "p15": -1.2, ..., "frac_saturated": 0.01, "frac_zero": 0.5, "numel": 6000}
+    {"step": 10, "layer": "fc1.act#1", "module": "fc1.act", "call": 1, "channel": null,
+     "probe": false, "mean": 0.01, "std": 1.2, "min": -4.1, "max": 3.9, "p1": -2.8, "p15": -1.2,
+     ..., "frac_saturated": 0.01, "frac_zero": 0.5, "frac_nonfinite": 0.0, "numel": 6000}
 
-(with ``per_channel=True`` also ``"frac_dead"`` and the lists ``"channel_mean"``,
-``"channel_std"``). Non-finite values are written as ``NaN`` / ``Infinity``, which Python's
-``json`` and pandas read. A run killed mid-write loses at most its last, partial line.
+``layer`` is the display string of the record key; ``module``, ``call``, ``channel`` and ``probe``
+are its fields, from which :func:`load` rebuilds the key (the string is never parsed). With
+``per_channel=True`` also ``"frac_dead"`` and the lists ``"channel_mean"``, ``"channel_std"``.
+Statistics that do not exist (the mean of a record without finite values) are written as ``NaN``,
+which Python's ``json`` and pandas read. A run killed mid-write loses at most its last, partial
+line, which :func:`load` skips with a warning (a corrupt line elsewhere is an error).
 
-``histograms.npz`` holds ``layers`` (names) and, for the i-th layer, ``steps_i`` ``(T,)``,
-``edges_i`` ``(B + 1,)``, ``counts_i`` ``(T, B + 2)`` and ``numel_i`` ``(T,)``.
+``histograms.npz`` holds ``layers`` (display strings), the key fields ``key_module``,
+``key_call``, ``key_channel`` (-1: none) and ``key_probe``, and for the i-th layer ``steps_i``
+``(T,)``, ``edges_i`` ``(B + 1,)``, ``counts_i`` ``(T, B + 2)`` and ``numel_i`` ``(T,)``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from io import BytesIO
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import TYPE_CHECKING, Literal, Optional, Union
 
 import numpy as np
 
-from covshift._io import atomic_write_bytes, atomic_write_json
-from covshift.monitor.records import MonitorRecords
+from covshift._io import JsonlWriter, atomic_write_bytes, atomic_write_json, read_jsonl
+from covshift.monitor.records import MonitorRecords, RecordKey
+
+if TYPE_CHECKING:
+    from covshift.monitor.flush import RecordBatch
 
 __all__ = [
     "JSONL_NAME",
@@ -41,7 +48,8 @@ __all__ = [
     "FORMAT",
     "JsonlWriter",
     "TensorBoardWriter",
-    "record_line",
+    "batch_lines",
+    "key_fields",
     "write_json_atomic",
     "write_histograms",
     "prepare_log_dir",
@@ -51,48 +59,31 @@ __all__ = [
 JSONL_NAME = "monitor.jsonl"
 NPZ_NAME = "histograms.npz"
 META_NAME = "meta.json"
-FORMAT = "covshift.monitor/1"
+FORMAT = "covshift.monitor/2"
 
 PathLike = Union[str, os.PathLike]
 
 
-def record_line(
-    step: int,
-    layer: str,
-    scalars: dict[str, float],
-    channel_mean: Optional[np.ndarray] = None,
-    channel_std: Optional[np.ndarray] = None,
-) -> str:
-    """One JSON line (with its newline) for one measurement."""
-    d: dict = {"step": int(step), "layer": layer}
-    d.update((k, float(v)) for k, v in scalars.items())
-    if "numel" in d:
+_KEY_FIELDS = ("module", "call", "channel", "probe")
+
+
+def key_fields(key: RecordKey) -> dict:
+    """The fields of a record key, as stored in a line of ``monitor.jsonl``."""
+    return {"module": key.module, "call": key.call, "channel": key.channel, "probe": key.probe}
+
+
+def batch_lines(batch: "RecordBatch") -> list[dict]:
+    """One JSON-ready dict per row of a flush, in recording order (see the module docstring)."""
+    out = []
+    for i, key in enumerate(batch.keys):
+        d: dict = {"step": int(batch.steps[i]), "layer": str(key), **key_fields(key)}
+        d.update(batch.scalars(i))
         d["numel"] = int(d["numel"])
-    if channel_mean is not None:
-        d["channel_mean"] = [float(v) for v in channel_mean]
-        d["channel_std"] = [float(v) for v in channel_std]  # type: ignore[union-attr]
-    return json.dumps(d) + "\n"
-
-
-class JsonlWriter:
-    """Appends lines and flushes them to the OS at once, so an interrupted run keeps them."""
-
-    def __init__(self, path: PathLike) -> None:
-        self.path = Path(path)
-        self._f = None
-
-    def write(self, lines: list[str]) -> None:
-        if not lines:
-            return
-        if self._f is None:
-            self._f = open(self.path, "a", encoding="utf-8")
-        self._f.write("".join(lines))
-        self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        if batch.channel_mean[i] is not None:
+            d["channel_mean"] = [float(v) for v in batch.channel_mean[i]]  # type: ignore[union-attr]
+            d["channel_std"] = [float(v) for v in batch.channel_std[i]]  # type: ignore[union-attr]
+        out.append(d)
+    return out
 
 
 def write_json_atomic(path: PathLike, obj: object) -> None:
@@ -102,10 +93,14 @@ def write_json_atomic(path: PathLike, obj: object) -> None:
 def write_histograms(path: PathLike, records: MonitorRecords) -> None:
     """Write every histogram of ``records`` to one npz file, atomically."""
     arrays: dict[str, np.ndarray] = {}
-    names = records.histogram_layers()
-    arrays["layers"] = np.array(names, dtype=str)
-    for i, name in enumerate(names):
-        h = records.histograms(name)
+    keys = records.histogram_keys()
+    arrays["layers"] = np.array([str(k) for k in keys], dtype=str)
+    arrays["key_module"] = np.array([k.module for k in keys], dtype=str)
+    arrays["key_call"] = np.array([k.call for k in keys], dtype=np.int64)
+    arrays["key_channel"] = np.array([-1 if k.channel is None else k.channel for k in keys], dtype=np.int64)
+    arrays["key_probe"] = np.array([k.probe for k in keys], dtype=bool)
+    for i, key in enumerate(keys):
+        h = records.histograms(key)
         arrays[f"steps_{i}"] = h.steps
         arrays[f"edges_{i}"] = h.edges
         # counts of a sample of at most 2**24 values fit in int32: half the bytes of int64
@@ -142,9 +137,10 @@ class TensorBoardWriter:
             self._w.add_scalar(f"{layer}/{k}", float(v), global_step=step)
         if counts is None or edges is None:
             return
-        mean, std, n = scalars["mean"], scalars["std"], scalars["numel"]
+        mean, std = scalars["mean"], scalars["std"]
         lo, hi = float(scalars["min"]), float(scalars["max"])
-        if not (np.isfinite(lo) and np.isfinite(hi)):
+        n = int(np.asarray(counts).sum())  # the finite sample values the counts hold
+        if not (np.isfinite(lo) and np.isfinite(hi)) or n == 0:
             return
         # Bucket i covers (limit_{i-1}, limit_i]: underflow ends at edges[0], bin k at
         # edges[k+1], overflow at the max (nudged so the limits stay increasing).
@@ -153,13 +149,18 @@ class TensorBoardWriter:
             f"{layer}/histogram",
             min=min(lo, float(edges[0])),
             max=float(limits[-1]),
-            num=int(n),
+            num=n,
             sum=float(mean * n),
             sum_squares=float(n * (std * std + mean * mean)),
             bucket_limits=limits.tolist(),
             bucket_counts=np.asarray(counts).tolist(),
             global_step=step,
         )
+
+    def write_batch(self, batch: "RecordBatch") -> None:
+        """Every row of one flush."""
+        for i, key in enumerate(batch.keys):
+            self.write(int(batch.steps[i]), str(key), batch.scalars(i), batch.hist[i], batch.edges[key])
 
     def flush(self) -> None:
         self._w.flush()
@@ -198,7 +199,8 @@ def load(log_dir: PathLike) -> MonitorRecords:
 
     Returns the same views as the live monitor (``.layers``, ``.table()``, ``.series()``,
     ``.histograms()``, ``.channel_stats()``), so a report can be rebuilt without retraining.
-    A truncated last line (a run killed mid-write) is skipped with a warning.
+    A truncated last line (a run killed mid-write) is skipped with a warning that names the file
+    and line; a corrupt line before it raises :class:`covshift._io.JsonlError`.
     """
     d = Path(log_dir)
     jsonl = d / JSONL_NAME
@@ -207,31 +209,22 @@ def load(log_dir: PathLike) -> MonitorRecords:
             f"log_dir: expected a monitor run with {JSONL_NAME}, got {str(d)!r} without it. "
             "Pass the log_dir given to ActivationMonitor."
         )
-    declared: list[str] = []
-    if (d / META_NAME).exists():
-        declared = json.loads((d / META_NAME).read_text()).get("layers", [])
+    meta = json.loads((d / META_NAME).read_text()) if (d / META_NAME).exists() else {}
+    declared = [_key_from(k) for k in meta.get("keys", [])] or [RecordKey(n) for n in meta.get("layers", [])]
     records = MonitorRecords(declared)
 
-    # Group the lines into one chunk per layer and set of columns.
+    # Group the lines into one chunk per record key and set of columns.
     chunks: dict[tuple, list] = {}
-    lines = jsonl.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                warnings.warn(f"{jsonl}: skipped a truncated last line (interrupted write).")
-                continue
-            raise
+    for row in read_jsonl(jsonl):
         step, layer = row.pop("step"), row.pop("layer")
+        fields = {f: row.pop(f) for f in _KEY_FIELDS if f in row}
+        # format 1 stored the display string only: it becomes the key's module name, unparsed
+        key = _key_from(fields) if len(fields) == len(_KEY_FIELDS) else RecordKey(layer)
         cm, cs = row.pop("channel_mean", None), row.pop("channel_std", None)
-        key = (layer, tuple(row), cm is not None)
-        chunks.setdefault(key, []).append((step, list(row.values()), cm, cs))
-    for (layer, names, has_channels), rows in chunks.items():
+        chunks.setdefault((key, tuple(row), cm is not None), []).append((step, list(row.values()), cm, cs))
+    for (key, names, has_channels), rows in chunks.items():
         records.add(
-            layer,
+            key,
             [r[0] for r in rows],
             names,
             np.array([r[1] for r in rows], dtype=np.float64),
@@ -242,6 +235,19 @@ def load(log_dir: PathLike) -> MonitorRecords:
     npz = d / NPZ_NAME
     if npz.exists():
         with np.load(npz) as z:
-            for i, name in enumerate(z["layers"].tolist()):
-                records.attach_histograms(name, z[f"steps_{i}"], z[f"counts_{i}"], z[f"edges_{i}"])
+            names = z["layers"].tolist()
+            if "key_module" in z:
+                keys = [
+                    RecordKey(str(m), int(c), None if int(ch) < 0 else int(ch), bool(p))
+                    for m, c, ch, p in zip(z["key_module"], z["key_call"], z["key_channel"], z["key_probe"])
+                ]
+            else:
+                keys = [RecordKey(str(n)) for n in names]
+            for i, key in enumerate(keys):
+                records.attach_histograms(key, z[f"steps_{i}"], z[f"counts_{i}"], z[f"edges_{i}"])
     return records
+
+
+def _key_from(fields: dict) -> RecordKey:
+    ch = fields.get("channel")
+    return RecordKey(str(fields["module"]), int(fields.get("call", 0)), None if ch is None else int(ch), bool(fields.get("probe", False)))

@@ -11,9 +11,12 @@ Python objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from covshift.monitor.flush import RecordBatch
 
 __all__ = ["RecordKey", "MonitorRecords", "Histograms", "ChannelStats"]
 
@@ -92,26 +95,53 @@ class _Layer:
     edges: Optional[np.ndarray] = None
 
 
-class MonitorRecords:
-    """All measurements of a monitored run, by layer and step.
+Layer = Union[str, RecordKey]  # a record key, or its display string (looked up, never parsed)
 
-    A "layer" is one measured point: a watched module (``"fc1.act"``), its k-th extra call in one
-    forward (``"fc1.act#1"``), one of its channels (``"fc1.act[17]"``), or any of these on the probe
-    batch (``"fc1.act@probe"``).
+
+def as_key(layer: Layer) -> RecordKey:
+    """``layer`` as a key; a string becomes the key of a module of that name (no parsing)."""
+    return layer if isinstance(layer, RecordKey) else RecordKey(str(layer))
+
+
+class MonitorRecords:
+    """All measurements of a monitored run, by record key and step.
+
+    A record key (:class:`RecordKey`) is one measured point: a watched module (``"fc1.act"``), its
+    k-th extra call in one forward (``"fc1.act#1"``), one of its channels (``"fc1.act[17]"``), or
+    any of these on the probe batch (``"fc1.act@probe"``). Every view takes the key or its string.
     """
 
-    def __init__(self, layers: Iterable[str] = ()) -> None:
-        self._declared: list[str] = list(dict.fromkeys(layers))
-        self._layers: dict[str, _Layer] = {}
+    def __init__(self, layers: Iterable[Layer] = ()) -> None:
+        self._declared: list[RecordKey] = list(dict.fromkeys(as_key(k) for k in layers))
+        self._layers: dict[RecordKey, _Layer] = {}
+        self._names: dict[str, RecordKey] = {str(k): k for k in self._declared}
 
     # -- writing ---------------------------------------------------------------------------
-    def declare(self, layers: Iterable[str]) -> None:
-        """Put ``layers`` first in :attr:`layers` (in this order), before the others seen."""
-        self._declared = list(dict.fromkeys([*layers, *self.layers]))
+    def declare(self, layers: Iterable[Layer]) -> None:
+        """Put ``layers`` first in :attr:`keys` (in this order), before the others seen."""
+        keys = [as_key(k) for k in layers]
+        self._declared = list(dict.fromkeys([*keys, *self.keys]))
+        self._names.update({str(k): k for k in keys})
+
+    def add_batch(self, batch: "RecordBatch") -> None:
+        """Append every row of one flush (:class:`covshift.monitor.flush.RecordBatch`)."""
+        rows: dict[RecordKey, list[int]] = {}
+        for i, key in enumerate(batch.keys):
+            rows.setdefault(key, []).append(i)
+        for key, idx in rows.items():
+            names = batch.row_names(idx[0])
+            cols = [batch.names.index(n) for n in names]
+            has_c = batch.channel_mean[idx[0]] is not None
+            self.add(
+                key, batch.steps[idx], names, batch.values[np.ix_(idx, cols)],
+                counts=batch.hist[idx], edges=batch.edges[key],
+                channel_mean=np.stack([batch.channel_mean[i] for i in idx]) if has_c else None,  # type: ignore[misc]
+                channel_std=np.stack([batch.channel_std[i] for i in idx]) if has_c else None,  # type: ignore[misc]
+            )
 
     def add(
         self,
-        layer: str,
+        layer: Layer,
         steps: Sequence[int],
         names: Sequence[str],
         values: np.ndarray,
@@ -129,7 +159,9 @@ class MonitorRecords:
                 the first edges given are kept).
             channel_mean, channel_std: ``(R, C)``.
         """
-        lay = self._layers.setdefault(layer, _Layer())
+        key = as_key(layer)
+        self._names.setdefault(str(key), key)
+        lay = self._layers.setdefault(key, _Layer())
         if edges is not None and lay.edges is None:
             lay.edges = np.asarray(edges, dtype=np.float64)
         assert counts is None or lay.edges is not None, "histogram counts without edges"
@@ -144,10 +176,10 @@ class MonitorRecords:
         )
 
     def attach_histograms(
-        self, layer: str, steps: Sequence[int], counts: np.ndarray, edges: np.ndarray
+        self, layer: Layer, steps: Sequence[int], counts: np.ndarray, edges: np.ndarray
     ) -> None:
         """Set the histograms of existing measurements (reading a run back); unknown steps skipped."""
-        lay = self._layers.get(layer)
+        lay = self._layers.get(self._key(layer))
         if lay is None:
             return
         lay.edges = np.asarray(edges, dtype=np.float64)
@@ -160,33 +192,72 @@ class MonitorRecords:
 
     # -- reading ---------------------------------------------------------------------------
     @property
-    def layers(self) -> list[str]:
-        """Every layer name: the declared ones first (watched modules, channel extras, probe
+    def keys(self) -> list[RecordKey]:
+        """Every record key: the declared ones first (watched modules, channel extras, probe
         variants), then any seen while recording (extra calls), in first-seen order."""
         declared = set(self._declared)
-        return self._declared + [n for n in self._layers if n not in declared]
+        return self._declared + [k for k in self._layers if k not in declared]
 
-    def _get(self, layer: str) -> list[_Chunk]:
-        if layer in self._layers:
-            return self._layers[layer].chunks
-        if layer in self._declared:
+    @property
+    def layers(self) -> list[str]:
+        """The display strings of :attr:`keys` (``"hidden3.act#1[17]@probe"``), in the same order."""
+        return [str(k) for k in self.keys]
+
+    def select(
+        self,
+        module: Optional[str] = None,
+        *,
+        call: Optional[int] = None,
+        channel: Union[None, bool, int] = None,
+        probe: Optional[bool] = None,
+    ) -> list[RecordKey]:
+        """The keys matching every given field, in :attr:`keys` order.
+
+        ``channel=True`` keeps the single-channel records, ``False`` the whole-layer ones, an int
+        that channel; ``probe=True`` / ``False`` the probe-batch / training-batch records.
+        """
+        out = []
+        for k in self.keys:
+            if module is not None and k.module != module:
+                continue
+            if call is not None and k.call != call:
+                continue
+            if channel is True and k.channel is None or channel is False and k.channel is not None:
+                continue
+            if not isinstance(channel, bool) and channel is not None and k.channel != channel:
+                continue
+            if probe is not None and k.probe != probe:
+                continue
+            out.append(k)
+        return out
+
+    def _key(self, layer: Layer) -> RecordKey:
+        if isinstance(layer, RecordKey):
+            return layer
+        return self._names.get(layer, RecordKey(str(layer)))
+
+    def _get(self, layer: Layer) -> list[_Chunk]:
+        key = self._key(layer)
+        if key in self._layers:
+            return self._layers[key].chunks
+        if key in self._declared:
             return []
         shown = ", ".join(repr(n) for n in self.layers) or "(none yet)"
-        raise ValueError(f"layer: expected one of the recorded layers, got {layer!r}. Layers: {shown}.")
+        raise ValueError(f"layer: expected one of the recorded layers, got {str(layer)!r}. Layers: {shown}.")
 
-    def steps(self, layer: str) -> np.ndarray:
+    def steps(self, layer: Layer) -> np.ndarray:
         """``(T,)`` steps at which ``layer`` was recorded."""
         chunks = self._get(layer)
         return np.concatenate([c.steps for c in chunks]) if chunks else np.zeros(0, np.int64)
 
-    def stats(self, layer: str) -> list[str]:
+    def stats(self, layer: Layer) -> list[str]:
         """Names of the scalar statistics recorded for ``layer``."""
         names: dict[str, None] = {}
         for c in self._get(layer):
             names.update(dict.fromkeys(c.names))
         return list(names)
 
-    def series(self, layer: str, stat: str) -> tuple[np.ndarray, np.ndarray]:
+    def series(self, layer: Layer, stat: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps (T,), values (T,))`` of one scalar statistic of one layer.
 
         ``stat`` is a scalar name (``"mean"``, ``"p15"``, ``"frac_saturated"``, ...) or, with
@@ -200,16 +271,16 @@ class MonitorRecords:
             parts = [(ch.steps, ch.values[:, ch.names.index(stat)]) for ch in chunks if stat in ch.names]
             if chunks and not parts:
                 raise ValueError(
-                    f"stat: expected one of {self.stats(layer)} for layer {layer!r}, got {stat!r}."
+                    f"stat: expected one of {self.stats(layer)} for layer {str(layer)!r}, got {stat!r}."
                 )
         if not parts:
             return np.zeros(0, np.int64), np.zeros(0)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    def histograms(self, layer: str) -> Histograms:
+    def histograms(self, layer: Layer) -> Histograms:
         """The layer's histograms over time on its fixed edges (see :class:`Histograms`)."""
         chunks = [c for c in self._get(layer) if c.counts is not None]
-        lay = self._layers.get(layer)
+        lay = self._layers.get(self._key(layer))
         edges = lay.edges if lay is not None and lay.edges is not None else np.zeros(0)
         if not chunks:
             return Histograms(np.zeros(0, np.int64), edges, np.zeros((0, max(len(edges) + 1, 0)), np.int64), np.zeros(0, np.int64))
@@ -221,7 +292,7 @@ class MonitorRecords:
         keep = counts[:, 0] >= 0  # rows of steps whose histogram was never written (-1)
         return Histograms(steps[keep], edges, counts[keep], numel[keep])
 
-    def channel_stats(self, layer: str) -> ChannelStats:
+    def channel_stats(self, layer: Layer) -> ChannelStats:
         """Per-channel mean and std over time (recorded with ``per_channel=True``)."""
         chunks = [c for c in self._get(layer) if c.channel_mean is not None]
         if not chunks:
@@ -233,7 +304,7 @@ class MonitorRecords:
         )
 
     def table(
-        self, layers: Optional[Sequence[str]] = None, stats: Optional[Sequence[str]] = None
+        self, layers: Optional[Sequence[Layer]] = None, stats: Optional[Sequence[str]] = None
     ) -> list[dict]:
         """Tidy rows ``{"step", "layer", "stat", "value"}``, one per scalar, by step then layer.
 
@@ -241,9 +312,9 @@ class MonitorRecords:
         ``layers`` / ``stats`` keep only those (``pandas.DataFrame(mon.table())`` works as is).
         """
         keep_s = None if stats is None else set(stats)
-        order = {n: i for i, n in enumerate(self.layers)}
+        order = {k: i for i, k in enumerate(self.keys)}
         per_record = []  # (step, layer rank, layer, [(stat, value), ...])
-        for layer in self.layers if layers is None else layers:
+        for layer in self.keys if layers is None else [self._key(n) for n in layers]:
             for ch in self._get(layer):
                 names = list(ch.names)
                 for j, step in enumerate(ch.steps.tolist()):
@@ -252,7 +323,7 @@ class MonitorRecords:
                         arr = getattr(ch, kind)
                         if arr is not None:
                             items += [(f"{kind}[{c}]", v) for c, v in enumerate(arr[j].tolist())]
-                    per_record.append((step, order[layer], layer, items))
+                    per_record.append((step, order.get(layer, len(order)), str(layer), items))
         per_record.sort(key=lambda r: (r[0], r[1]))
         return [
             {"step": step, "layer": layer, "stat": k, "value": float(v)}
@@ -261,9 +332,13 @@ class MonitorRecords:
             if keep_s is None or k in keep_s
         ]
 
+    def histogram_keys(self) -> list[RecordKey]:
+        """Keys that have at least one histogram."""
+        return [k for k in self.keys if len(self.histograms(k).steps)]
+
     def histogram_layers(self) -> list[str]:
-        """Layers that have at least one histogram."""
-        return [n for n in self.layers if len(self.histograms(n).steps)]
+        """Display strings of :meth:`histogram_keys`."""
+        return [str(k) for k in self.histogram_keys()]
 
     def __len__(self) -> int:
         return sum(len(c.steps) for lay in self._layers.values() for c in lay.chunks)

@@ -1,50 +1,62 @@
 r"""Statistics of activation tensors, computed on the tensor's own device, in two stages.
 
-**Stage 1, in the forward hook** (:func:`reduce`): a copy of a bounded sample of the values, and,
-when the sample is not the whole tensor, a few reductions over the *whole* tensor. No host sync
-(no ``.item()``, no ``.cpu()``, no data-dependent Python branch), and nothing that aliases the
-activation is kept, so an in-place op that runs later (``ReLU(inplace=True)``) cannot change what
-was measured.
+**Non-finite values.** NaN, +inf and -inf are counted (``frac_nonfinite``, over every value of the
+activation) and left out of every other statistic: mean, std, min, max, percentiles, histograms
+and the fractions are over the *finite* values (of the whole tensor for the moments, of the sample
+for the rest). A record whose values are all non-finite has NaN statistics and an empty histogram.
 
-For the :math:`n` values :math:`x_j` of the tensor, in float32 (float64 for float64 input):
+**Stage 1, in the forward hook** (:func:`reduce`): a copy of a bounded sample of the values, and,
+when the sample is not the whole tensor, the moments of the *whole* tensor (:func:`moments`). No
+host sync (no ``.item()``, no ``.cpu()``, no data-dependent Python branch), and nothing that
+aliases the activation is kept, so an in-place op that runs later (``ReLU(inplace=True)``) cannot
+change what was measured.
+
+For the :math:`n` finite values :math:`x_j` (accumulated in float64):
 
 .. math::
 
     \mu = \frac1n \sum_j x_j, \qquad
-    S = \sum_j (x_j - \mu)^2, \qquad \sigma = \sqrt{S / n}\ \text{(population std)},
+    M_2 = \sum_j (x_j - \mu)^2, \qquad \sigma = \sqrt{M_2 / n}\ \text{(population std)},
     \qquad \min_j x_j, \quad \max_j x_j
 
-:math:`S` uses the two-pass algorithm (mean first, then squared deviations), which does not
-cancel the way :math:`E[x^2] - E[x]^2` does when :math:`|\mu| \gg \sigma`. (``torch.var_mean``
-would do too, but its Welford kernel is ~15x slower on CPU than ``mean`` + ``sub`` + ``dot``.)
+:math:`M_2` is two-pass (mean first, then squared deviations) within chunks of 4096 values, and
+the chunks merge with Chan et al.'s formula, which does not cancel the way
+:math:`E[x^2] - E[x]^2` does when :math:`|\mu| \gg \sigma`.
 
-The sample is every value when :math:`n \le` ``sample_size``: then the hook only copies the
-tensor, and the moments are computed at flush from the copies, batched over records (on CPU a
-PyTorch op costs a few microseconds whatever its size, so fewer ops per hook is what makes
-``every=1`` affordable on small layers). Otherwise the sample is the values at a fixed, uniformly
-random set of positions (:func:`sample_positions`), drawn once per tensor size from a private
-generator (the global RNG is never touched), and the moments are reduced in the hook.
+The sample is every value when :math:`n \le` ``sample_size``: then the hook only copies the tensor,
+and the moments come at flush from the copies, batched over records (on CPU a PyTorch op costs a
+few microseconds whatever its size, so fewer ops per hook is what makes ``every=1`` affordable on
+small layers). Otherwise the sample is the values at a fixed, uniformly random set of positions
+(:func:`sample_positions`), drawn once per tensor size from a private generator (the global RNG is
+never touched).
 
-**Stage 2, at flush, batched over records** (:func:`sort_rows`, :func:`percentiles_sorted`,
-:func:`counts_sorted`): the samples of one layer are stacked to ``(R, n)`` and sorted once; then
+**Stage 2, at flush, batched over records** (:func:`rows`, :func:`percentiles_`): the samples of
+one layer are stacked to ``(R, K)``, and in one pass per row
 
-* percentile :math:`q`: linear interpolation between order statistics, NumPy's default:
-  :math:`h = (n-1) q / 100`, value :math:`s_{\lfloor h\rfloor} + (h - \lfloor h\rfloor)
-  (s_{\lfloor h\rfloor+1} - s_{\lfloor h\rfloor})`;
 * histogram over fixed edges :math:`e_0 < \dots < e_B`: bins :math:`[e_k, e_{k+1})`, the last one
   closed, like ``numpy.histogram``; plus an underflow count (:math:`x < e_0`) and an overflow
-  count (:math:`x > e_B`, NaN included), so the ``B + 2`` counts add up to :math:`n`;
-* saturated count :math:`\#\{|x| > t\}` (NaN included) and non-positive count
-  :math:`\#\{x \le 0\}` (the values a ReLU sets to exactly zero);
+  count (:math:`x > e_B`), so the ``B + 2`` counts add up to the finite sample values;
+* saturated count :math:`\#\{|x| > t\}` and non-positive count :math:`\#\{x \le 0\}` (the values
+  a ReLU sets to exactly zero);
+* the finite values, compacted to the front of the row;
 
-all by binary search (``searchsorted``) in the sorted rows, so one sort serves every statistic.
+then percentile :math:`q` of the :math:`k` finite values by selection (no full sort), with NumPy's
+default linear interpolation: :math:`h = (k-1) q / 100`, value :math:`s_{\lfloor h\rfloor} +
+(h - \lfloor h\rfloor) (s_{\lfloor h\rfloor+1} - s_{\lfloor h\rfloor})` for the order statistics
+:math:`s`.
+
+**Two implementations of each op.** On CPU, the fused kernels of ``covshift/csrc/monitor_stats.cpp``
+(built on first use by :func:`covshift.ops.build.load_library`; one pass over the data, no
+temporaries); elsewhere, or when the extension cannot be built, the pure-torch reference code here
+(``*_reference``), which gives the same counts, minima, maxima and percentiles, and the same moments
+to rounding.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -54,29 +66,74 @@ __all__ = [
     "Reduced",
     "reduce",
     "sample_positions",
-    "moments_sorted",
-    "sort_rows",
-    "percentiles_sorted",
-    "search_probes",
-    "search_sorted",
-    "counts_from_search",
-    "counts_sorted",
+    "moments",
+    "moments_reference",
+    "rows",
+    "rows_reference",
+    "percentiles_",
+    "percentiles_reference",
+    "extension",
+    "use_extension",
     "auto_edges",
     "fixed_edges",
     "to_host",
 ]
 
+_LIBRARY = "covshift_monitor"
+_ext_state: dict[str, object] = {}
+
+
+def extension():
+    """The :class:`covshift.ops.build.Extension` record of the fused kernels (built on first call)."""
+    ext = _ext_state.get("ext")
+    if ext is None:
+        from covshift.ops import build
+
+        ext = _ext_state["ext"] = build.load_library(_LIBRARY, build.CSRC / "monitor_stats.cpp", probe="rows")
+    return ext
+
+
+@contextlib.contextmanager
+def use_extension(flag: Optional[bool]) -> Iterator[None]:
+    """Within this block, ops called without ``use_extension=`` use this default (``None``: the
+    C++ kernels where they apply; ``False``: the reference code; ``True``: insist on the kernels).
+    For tests and benchmarks; not thread-safe."""
+    old = _ext_state.get("default")
+    _ext_state["default"] = flag
+    try:
+        yield
+    finally:
+        _ext_state["default"] = old
+
+
+def _fused(t: Tensor, use_extension: Optional[bool]) -> bool:
+    """Whether to call the C++ kernels for ``t``: CPU float32/float64, and the extension loaded.
+
+    ``use_extension=True`` insists (and raises if it cannot), ``False`` forces the reference code.
+    """
+    if use_extension is None:
+        use_extension = _ext_state.get("default")  # type: ignore[assignment]
+    if use_extension is False:
+        return False
+    ok = t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+    if use_extension is None:
+        return ok and extension().loaded  # type: ignore[attr-defined]
+    ext = extension()
+    if not (ok and ext.loaded):  # type: ignore[attr-defined]
+        raise RuntimeError(
+            f"use_extension=True: expected a CPU float32/float64 tensor and the built extension, got "
+            f"{t.device} {t.dtype} and {'a loaded extension' if ext.loaded else ext.error}."  # type: ignore[attr-defined]
+        )
+    return True
+
 
 class Reduced(NamedTuple):
     """Stage-1 result for one activation: device tensors, nothing aliasing the activation."""
 
-    # Whole-tensor moments and range, each (); None when `sample` is every value (computed at
-    # flush from the sample, see `moments_sorted`).
-    mean: Optional[Tensor]
-    sq_dev: Optional[Tensor]  # sum of squared deviations from the mean, S
-    min: Optional[Tensor]
-    max: Optional[Tensor]
-    sample: Tensor  # (k,) with k = min(numel, sample_size), a copy
+    # (6,) float64 [n_finite, mean, M2, min, max, n_nonfinite] of the whole tensor; None when
+    # `sample` is every value (then computed at flush from the sample, by `rows`).
+    moments: Optional[Tensor]
+    sample: Tensor  # (k,) with k = min(numel, sample_size), a copy, in float32 or float64
     numel: int
     # Per channel (dim 1), when asked for and the tensor has one: mean (C,), var (C,), max (C,).
     channel: Optional[tuple[Tensor, Tensor, Tensor]] = None
@@ -93,31 +150,51 @@ def sample_positions(numel: int, size: int, seed: int, device: torch.device) -> 
     return pos.sort().values.to(device)
 
 
-def reduce(x: Tensor, positions: Optional[Tensor] = None, per_channel: bool = False) -> Reduced:
-    """Stage 1: a sample of ``x`` (and its moments and range if subsampled), without syncing.
+def moments_reference(x: Tensor) -> Tensor:
+    """``(6,)`` float64 ``[n, mean, M2, min, max, n_nonfinite]`` over the finite values of ``x``."""
+    x = x.reshape(-1)
+    fin = torch.isfinite(x)
+    n = fin.sum(dtype=torch.float64)
+    mean = torch.where(fin, x, 0).sum(dtype=torch.float64) / n.clamp_min(1)
+    d = torch.where(fin, x.double() - mean, 0)
+    m2 = torch.dot(d, d)
+    inf = torch.tensor(math.inf, dtype=x.dtype, device=x.device)
+    mn = torch.where(fin, x, inf).amin().double() if x.numel() else inf.double()
+    mx = torch.where(fin, x, -inf).amax().double() if x.numel() else -inf.double()
+    return torch.stack([n, mean, m2, mn, mx, x.numel() - n])
+
+
+def moments(x: Tensor, positions: Optional[Tensor] = None, *, use_extension: Optional[bool] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Stage-1 moments of the whole of ``x`` (see :func:`moments_reference`), and ``x.flatten()[positions]``."""
+    if _fused(x, use_extension):
+        return torch.ops.covshift_monitor.moments(x, positions)
+    sample = None if positions is None else torch.take(x, positions)
+    return moments_reference(x), sample
+
+
+def reduce(
+    x: Tensor, positions: Optional[Tensor] = None, per_channel: bool = False, *, use_extension: Optional[bool] = None
+) -> Reduced:
+    """Stage 1: a sample of ``x`` (and its moments if subsampled), without syncing.
 
     Args:
-        x: the activation, any shape with ``numel() > 0``; integer, bool and half-precision input
-            is measured in float32.
+        x: the activation, any shape; integer, bool and half-precision input is measured in float32.
         positions: flat positions to sample (see :func:`sample_positions`), or ``None`` to take
             every value.
         per_channel: also reduce per channel (dim 1) when ``x`` has at least 2 dims.
+        use_extension: ``None`` (the C++ kernels when they apply), ``True`` (insist), ``False``.
     """
     x = x.detach()
     copied = x.dtype not in (torch.float32, torch.float64)
     if copied:
         x = x.float()
-    mean = sq_dev = mn = mx = None
+    mom = None
     if positions is None:
         sample = x.reshape(-1)
         if not copied:
             sample = sample.clone()  # never keep a view of the activation
     else:
-        sample = torch.take(x, positions)  # a copy; reads x in logical (row-major) order
-        mean = x.mean()
-        d = (x - mean).reshape(-1)  # fresh tensor; reshape copies only for exotic strides
-        sq_dev = torch.dot(d, d)
-        mn, mx = torch.aminmax(x)
+        mom, sample = moments(x, positions, use_extension=use_extension)
 
     channel = None
     if per_channel and x.dim() >= 2:
@@ -126,123 +203,87 @@ def reduce(x: Tensor, positions: Optional[Tensor] = None, per_channel: bool = Fa
         cd = x - c_mean.reshape(1, -1, *([1] * (x.dim() - 2)))  # (N, C, *)
         c_var = cd.square_().mean(dims)  # (C,), population variance, two-pass
         channel = (c_mean, c_var, x.amax(dims))
-    return Reduced(mean, sq_dev, mn, mx, sample, x.numel(), channel)
+    return Reduced(mom, sample, x.numel(), channel)
 
 
-def moments_sorted(s: Tensor, inplace: bool = False) -> Tensor:
-    """``(R, 4)``: mean, S, min, max of each sorted row of ``s`` ``(R, n)`` (two-pass S).
+def rows_reference(
+    sample: Tensor, valid: Tensor, edges: Tensor, threshold: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per row of ``sample`` ``(R, K)``, over its first ``valid[r]`` entries: see :func:`rows`."""
+    R, K = sample.shape
+    B = edges.numel() - 1
+    dev = sample.device
+    fin = torch.isfinite(sample) & (torch.arange(K, device=dev) < valid.to(dev)[:, None])
+    n = fin.sum(1, dtype=torch.float64)
+    x64 = sample.double()
+    mean = torch.where(fin, x64, 0).sum(1) / n.clamp_min(1)
+    d = torch.where(fin, x64 - mean[:, None], 0)
+    m2 = (d * d).sum(1)
+    inf = torch.tensor(math.inf, dtype=sample.dtype, device=dev)
+    mn = torch.where(fin, sample, inf).amin(1).double() if K else torch.full((R,), math.inf, dtype=torch.float64, device=dev)
+    mx = torch.where(fin, sample, -inf).amax(1).double() if K else torch.full((R,), -math.inf, dtype=torch.float64, device=dev)
+    n_valid = valid.to(dev).clamp(0, K).double()
+    mom = torch.stack([n, mean, m2, mn, mx, n_valid - n], dim=1)
 
-    ``inplace`` overwrites ``s`` (with its squared deviations) instead of allocating two more
-    ``(R, n)`` tensors: call it last.
-    """
-    mean = s.mean(dim=1, keepdim=True)  # (R, 1)
-    ends = s[:, [0, -1]]  # (R, 2) min, max: a copy (advanced indexing)
-    d = s.sub_(mean) if inplace else s - mean
-    sq_dev = d.square_().sum(dim=1)  # (R,)
-    return torch.cat([mean, sq_dev[:, None], ends], dim=1)
-
-
-def sort_rows(x: Tensor, inplace: bool = False) -> Tensor:
-    """Sort each row of ``(R, n)``, NaN last; ``inplace`` reuses ``x``'s memory.
-
-    On CPU this calls ``numpy.sort`` (the data is already on the host): in our measurements
-    ``torch.sort`` on CPU was ~10x slower, which is most of the monitor's cost at ``every=1``.
-    """
-    if x.device.type == "cpu":
-        if inplace and x.is_contiguous():
-            x.numpy().sort(axis=-1)
-            return x
-        return torch.from_numpy(np.sort(x.numpy(), axis=-1))
-    return torch.sort(x, dim=-1).values
-
-
-@functools.lru_cache(maxsize=256)
-def _percentile_index(
-    n: int, qs: tuple[float, ...], dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    # positions depend on n only: (2P,) indices [floor h..., floor h + 1...] and (P,) weights
-    lo, hi, frac = [], [], []
-    for q in qs:
-        h = (n - 1) * q / 100.0
-        f = math.floor(h)
-        lo.append(f)
-        hi.append(min(f + 1, n - 1))
-        frac.append(h - f)
-    return torch.tensor(lo + hi, device=device), torch.tensor(frac, dtype=dtype, device=device)
+    e = edges.to(dev, torch.float64)
+    idx = torch.bucketize(x64, e, right=True)  # 0: < e_0; k + 1: [e_k, e_{k+1}); B + 1: >= e_B
+    idx = torch.where(x64 == e[-1], B, idx)  # the last bin is closed
+    idx = torch.where(fin, idx, B + 2)  # non-finite and padding: a column that is dropped
+    hist = torch.zeros(R, B + 3, dtype=torch.int64, device=dev)
+    hist.scatter_add_(1, idx, torch.ones_like(idx))
+    sat = (fin & (x64.abs() > threshold)).sum(1)
+    nonpos = (fin & (sample <= 0)).sum(1)
+    order = torch.sort((~fin).to(torch.uint8), dim=1, stable=True).indices  # finite first, in order
+    compact = torch.gather(sample, 1, order)
+    compact = torch.where(torch.arange(K, device=dev) < n[:, None], compact, math.nan)
+    return mom, hist[:, : B + 2], torch.stack([sat, nonpos], dim=1), compact
 
 
-def percentiles_sorted(s: Tensor, qs: Sequence[float]) -> Tensor:
-    """Percentiles ``qs`` (in [0, 100]) of each sorted row of ``s`` ``(R, n)`` -> ``(R, P)``.
-
-    Linear interpolation, as ``numpy.percentile(method="linear")``; positions depend on ``n``
-    only, so nothing is read back from the device.
-    """
-    idx, w = _percentile_index(s.shape[-1], tuple(qs), s.dtype, s.device)
-    v = s.index_select(-1, idx)  # (R, 2P)
-    a, b = v[..., : len(qs)], v[..., len(qs) :]
-    return a + (b - a) * w
-
-
-def search_probes(edges: Optional[np.ndarray], threshold: float, dtype: torch.dtype) -> np.ndarray:
-    r"""The values :func:`counts_sorted` searches for, in ``dtype``, as float64.
-
-    ``[e_0, ..., e_{B-1}, e_B^+, -t, t^+, 0^+]`` (without the edges when ``edges`` is None), where
-    ``v^+`` is the next representable value above ``v``: a left-side search counts
-    :math:`\#\{x < v\}`, and :math:`\#\{x \le v\} = \#\{x < v^+\}`.
-    """
-    np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    up = lambda v: np.nextafter(np.asarray(v, np_dtype), np_dtype(np.inf))  # noqa: E731
-    tail = [np.asarray([-threshold], np_dtype), up([threshold, 0.0])]
-    if edges is not None:
-        e = np.asarray(edges, np_dtype)
-        tail = [e[:-1], up(e[-1:])] + tail
-    return np.concatenate(tail).astype(np.float64)
-
-
-def search_sorted(s: Tensor, probes: Tensor) -> Tensor:
-    r"""``(R, P)`` int64: :math:`\#\{x < v\}` in each sorted row of ``s`` for each probe ``v``.
-
-    Args:
-        s: ``(R, n)``, each row sorted ascending (NaN last).
-        probes: :func:`search_probes` as a tensor in ``s``'s dtype and device.
-    """
-    # searchsorted needs a total order, and torch's treats NaN as smaller than anything: search
-    # NaN as +inf, so it lands in the overflow and saturated counts. NaN sorts last, so the last
-    # column tells whether there is any (at flush time a sync is acceptable; NaN is rare).
-    if bool(torch.isnan(s[:, -1]).any()):
-        s = torch.nan_to_num(s, nan=math.inf, posinf=math.inf, neginf=-math.inf)
-    return torch.searchsorted(s, probes.expand(s.shape[0], -1).contiguous())
-
-
-def counts_from_search(
-    below: np.ndarray, n: int, bins: Optional[int]
-) -> tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
-    r"""Histogram with tails, saturated and non-positive counts from :func:`search_sorted`.
-
-    Args:
-        below: ``(R, P)`` counts :math:`\#\{x < v\}` for the probes of :func:`search_probes`.
-        n: values per row.
-        bins: ``B``, the number of bins between the edges; ``None`` if the probes have no edges.
+def rows(
+    sample: Tensor, valid: Tensor, edges: Tensor, threshold: float, *, use_extension: Optional[bool] = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Stage 2 for stacked samples ``(R, K)``; each row's first ``valid[r]`` entries count.
 
     Returns:
-        ``(hist, n_saturated, n_nonpositive)``: ``hist`` is ``(R, B + 2)`` ordered
-        ``[underflow, bin_0, ..., bin_{B-1}, overflow]`` (or ``None``); the others are ``(R,)``.
+        ``(moments, hist, flags, compact)``: ``(R, 6)`` float64 moments as :func:`moments_reference`
+        over the finite values; ``(R, B + 2)`` int64 histograms of the finite values on ``edges``
+        ``(B + 1,)`` with tails; ``(R, 2)`` int64 ``[#{|x| > threshold}, #{x <= 0}]`` of the finite
+        values; ``(R, K)`` the finite values first, in their order, then NaN.
     """
-    n_saturated = below[:, -3] + (n - below[:, -2])
-    n_nonpositive = below[:, -1]
-    if bins is None:
-        return None, n_saturated, n_nonpositive
-    e = below[:, : bins + 1]  # #(x < e_k) for k < B, then #(x <= e_B)   (R, B + 1)
-    hist = np.concatenate([e[:, :1], np.diff(e, axis=1), n - e[:, -1:]], axis=1)
-    return hist, n_saturated, n_nonpositive
+    if _fused(sample, use_extension):
+        return torch.ops.covshift_monitor.rows(sample, valid, edges.to(torch.float64), float(threshold))
+    return rows_reference(sample, valid, edges, threshold)
 
 
-def counts_sorted(
-    s: Tensor, probes: Tensor, bins: Optional[int]
-) -> tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
-    """:func:`search_sorted` then :func:`counts_from_search` (moving the searches to the host)."""
-    below = search_sorted(s, probes).cpu().numpy()
-    return counts_from_search(below, s.shape[1], bins)
+def percentiles_reference(compact: Tensor, n: Tensor, qs: Sequence[float]) -> Tensor:
+    """``(R, P)`` float64 percentiles of the first ``n[r]`` (finite) values of each row; sorts ``compact`` in place."""
+    R, K = compact.shape
+    dev = compact.device
+    compact.copy_(torch.sort(torch.where(torch.arange(K, device=dev) < n.to(dev)[:, None], compact, math.nan), dim=1).values)
+    n = n.to(dev, torch.int64)
+    q = torch.tensor([float(v) for v in qs], dtype=torch.float64, device=dev)
+    h = (n - 1).double()[:, None] * q / 100.0  # (R, P)
+    lo = torch.floor(h)
+    frac = h - lo
+    lo = lo.long().clamp(0, max(K - 1, 0))
+    hi = torch.minimum(lo + 1, (n - 1).clamp_min(0)[:, None])
+    if K == 0:
+        return torch.full((R, len(q)), math.nan, dtype=torch.float64, device=dev)
+    a = torch.gather(compact, 1, lo).double()
+    c = torch.gather(compact, 1, hi).double()
+    out = a + (c - a) * frac
+    return torch.where((n > 0)[:, None], out, math.nan)
+
+
+def percentiles_(compact: Tensor, n: Tensor, qs: Sequence[float], *, use_extension: Optional[bool] = None) -> Tensor:
+    """Percentiles ``qs`` (in [0, 100]) of the first ``n[r]`` values of each row of ``compact`` ``(R, K)``.
+
+    The values must be finite (as :func:`rows` leaves them). Linear interpolation, as
+    ``numpy.percentile(method="linear")``; ``compact`` is permuted in place; NaN where ``n == 0``.
+    """
+    if _fused(compact, use_extension) and compact.is_contiguous():
+        return torch.ops.covshift_monitor.percentiles_(compact, n, [float(q) for q in qs])
+    return percentiles_reference(compact, n, qs)
 
 
 def _representable(edges: np.ndarray, dtype: torch.dtype) -> np.ndarray:
