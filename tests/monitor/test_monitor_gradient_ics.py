@@ -76,20 +76,39 @@ def _batch(t):
     return torch.randn(12, 10, generator=g), torch.randint(0, 3, (12,), generator=g)
 
 
+O = torch.optim
+OPTIMIZERS = {
+    "sgd": lambda p: O.SGD(p, lr=0.05),
+    "sgd_momentum_wd": lambda p: O.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "sgd_nesterov": lambda p: O.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "adam": lambda p: O.Adam(p, lr=1e-2),
+    "adamw": lambda p: O.AdamW(p, lr=1e-2, weight_decay=0.1),
+    "adamw_amsgrad": lambda p: O.AdamW(p, lr=1e-2, weight_decay=0.1, amsgrad=True),
+    "radam": lambda p: O.RAdam(p, lr=1e-2),
+    "radam_decoupled_wd": lambda p: O.RAdam(p, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    "nadam": lambda p: O.NAdam(p, lr=1e-2, weight_decay=1e-2),
+    "adagrad": lambda p: O.Adagrad(p, lr=0.05, lr_decay=1e-2, initial_accumulator_value=0.1),
+    "adadelta": lambda p: O.Adadelta(p, lr=1.0, weight_decay=1e-3),
+    "adamax": lambda p: O.Adamax(p, lr=1e-2),
+    "rmsprop": lambda p: O.RMSprop(p, lr=1e-3, momentum=0.9, centered=True),
+    "asgd": lambda p: O.ASGD(p, lr=1e-2, t0=2),
+    "rprop": lambda p: O.Rprop(p, lr=1e-2),
+}
+
+
 def _make_opt(kind, params):
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
-    return torch.optim.Adam(params, lr=1e-2)
+    return OPTIMIZERS[kind](params)
 
 
 def _brute_force(model, opt, x, y, order):
-    """Deep copies of model and optimizer, a real step, and a real backward per layer."""
+    """Deep copies of model and optimizer together, a real backward and step, and a real backward per
+    layer on another deep copy whose earlier layers hold the stepped weights."""
     rng = torch.get_rng_state()
-    owners = {m: [p for p in dict(model.named_modules())[m].parameters(recurse=False)] for m in order}
-    m1 = copy.deepcopy(model)
-    o1 = type(opt)(m1.parameters(), **opt.defaults)
-    o1.load_state_dict(copy.deepcopy(opt.state_dict()))
+    m1, o1 = copy.deepcopy((model, opt))  # one memo: the copied optimizer steps the copied model
+    stepped = [p for g in o1.param_groups for p in g["params"]]
+    assert len(stepped) == len(list(m1.parameters())) and all(p is q for p, q in zip(stepped, m1.parameters()))
     torch.set_rng_state(rng)
+    m1.zero_grad(set_to_none=True)
     F.cross_entropy(m1(x), y).backward()
     G = {n: p.grad.clone() for n, p in m1.named_parameters()}
     o1.step()
@@ -97,6 +116,7 @@ def _brute_force(model, opt, x, y, order):
     out = {}
     for i, layer in enumerate(order):
         m2 = copy.deepcopy(model)
+        m2.zero_grad(set_to_none=True)
         params = dict(m2.named_parameters())
         with torch.no_grad():
             for earlier in order[:i]:
@@ -109,19 +129,22 @@ def _brute_force(model, opt, x, y, order):
         gp = torch.cat([params[n].grad.reshape(-1) for n in names]).double()
         out[layer] = (float((g - gp).norm()), float(g @ gp / (g.norm() * gp.norm())))
     torch.set_rng_state(rng)
-    assert owners
     return out
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
-def test_matches_brute_force_with_momentum_state_bn_and_dropout(kind):
-    model = _net()
-    opt = _make_opt(kind, model.parameters())
-    for t in range(3):  # build up momentum / Adam moments first
+def _warm_up(model, opt, steps=3):
+    for t in range(steps):  # build up momentum / moments / step counts first
         x, y = _batch(t)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_matches_brute_force_with_every_optimizer_state_bn_and_dropout(kind):
+    model = _net()
+    opt = _make_opt(kind, model.parameters())
+    _warm_up(model, opt)
     x, y = _batch(3)
     order = forward_order(model, x)
     assert order == ["0", "1", "4", "6"]
@@ -129,9 +152,84 @@ def test_matches_brute_force_with_momentum_state_bn_and_dropout(kind):
     got = gradient_ics(model, F.cross_entropy, x, y, opt)
     assert list(got) == order
     for layer in order:
-        assert got[layer].l2_diff == pytest.approx(want[layer][0], rel=1e-4, abs=1e-7)
-        assert got[layer].cosine == pytest.approx(want[layer][1], rel=1e-5)
-    assert got["6"].l2_diff > 0 and got["6"].cosine < 1
+        assert got[layer].l2_diff == pytest.approx(want[layer][0], rel=1e-4, abs=1e-7), layer
+        assert got[layer].cosine == pytest.approx(want[layer][1], rel=1e-5), layer
+    assert got["6"].l2_diff > 1e-6 and got["6"].cosine < 1
+
+
+def test_param_groups_and_a_scheduled_learning_rate_are_used():
+    model = _net()
+    opt = O.SGD([{"params": model[0].parameters(), "lr": 0.5}, {"params": list(model.parameters())[2:]}], lr=0.01, momentum=0.5)
+    sched = O.lr_scheduler.StepLR(opt, step_size=1, gamma=0.3)
+    _warm_up(model, opt, steps=2)
+    sched.step()
+    sched.step()  # the groups' lr now differ from the constructor's
+    x, y = _batch(5)
+    order = forward_order(model, x)
+    want = _brute_force(model, opt, x, y, order)
+    got = gradient_ics(model, F.cross_entropy, x, y, opt)
+    for layer in order:
+        assert got[layer].l2_diff == pytest.approx(want[layer][0], rel=1e-4, abs=1e-7), layer
+    # with the constructor's lr instead of the scheduled one the answer would differ
+    stale = O.SGD([{"params": model[0].parameters(), "lr": 0.5}, {"params": list(model.parameters())[2:]}], lr=0.01, momentum=0.5)
+    stale.load_state_dict({**opt.state_dict(), "param_groups": [dict(g, lr=l) for g, l in zip(opt.state_dict()["param_groups"], (0.5, 0.01))]})
+    assert gradient_ics(model, F.cross_entropy, x, y, stale)["1"].l2_diff != pytest.approx(got["1"].l2_diff, rel=1e-3)
+
+
+def _snapshot(model, opt):
+    return (
+        copy.deepcopy(model.state_dict()),
+        {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        copy.deepcopy(opt.state_dict()),
+        torch.get_rng_state(),
+    )
+
+
+def _assert_same(a, b):
+    (sa, ga, oa, ra), (sb, gb, ob, rb) = a, b
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k  # parameters and buffers (BN running statistics)
+    for k in ga:
+        assert (ga[k] is None and gb[k] is None) or torch.equal(ga[k], gb[k]), k
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for i in oa["state"]:
+        for name, v in oa["state"][i].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob["state"][i][name])), (i, name)
+    assert torch.equal(ra, rb)
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_parameters_buffers_grads_optimizer_state_and_rng_unchanged(kind):
+    model = _net()
+    opt = _make_opt(kind, model.parameters())
+    _warm_up(model, opt)
+    x, y = _batch(7)
+    before = _snapshot(model, opt)
+    gradient_ics(model, F.cross_entropy, x, y, opt)
+    _assert_same(before, _snapshot(model, opt))
+
+
+def test_lbfgs_and_non_optimizers_give_a_clear_error():
+    model = _net()
+    x, y = _batch(0)
+    with pytest.raises(ValueError, match="LBFGS.*closure"):
+        gradient_ics(model, F.cross_entropy, x, y, O.LBFGS(model.parameters()))
+    with pytest.raises(TypeError, match="expected a torch.optim.Optimizer"):
+        gradient_ics(model, F.cross_entropy, x, y, object())
+
+
+class _Custom(O.SGD):
+    def __init__(self, params, lr, *, tag):  # a required keyword that no group holds
+        super().__init__(params, lr=lr)
+        self.tag = tag
+
+
+def test_an_optimizer_that_cannot_be_rebuilt_says_why():
+    model = _net()
+    x, y = _batch(0)
+    with pytest.raises(TypeError, match="rebuilt"):
+        gradient_ics(model, F.cross_entropy, x, y, _Custom(model.parameters(), lr=0.1, tag="a"))
 
 
 def _train(kind, measure, steps=20):
@@ -151,7 +249,7 @@ def _train(kind, measure, steps=20):
     return model, opt, mon, torch.get_rng_state()
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("kind", ["sgd_momentum_wd", "adamw"])
 def test_measuring_leaves_training_bit_identical(kind):
     base, base_opt, base_mon, base_rng = _train(kind, measure=False)
     model, opt, mon, rng = _train(kind, measure=True)
@@ -166,7 +264,7 @@ def test_measuring_leaves_training_bit_identical(kind):
 
 def test_grad_and_optimizer_state_untouched_and_layer_selection():
     model = _net()
-    opt = _make_opt("adam", model.parameters())
+    opt = _make_opt("adamw", model.parameters())
     x, y = _batch(0)
     F.cross_entropy(model(x), y).backward()
     opt.step()

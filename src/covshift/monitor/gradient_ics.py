@@ -31,6 +31,7 @@ step on the same batch.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -129,19 +130,55 @@ def forward_order(model: nn.Module, inputs: Any) -> list[str]:
     return order
 
 
+def _check_optimizer(optimizer: Any) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}. Pass the "
+            "optimizer the training loop steps (unwrap framework wrappers, e.g. Lightning's "
+            "LightningOptimizer.optimizer)."
+        )
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError(
+            "optimizer: expected an optimizer whose step is one update from the current gradient, got "
+            "LBFGS, whose step re-evaluates the loss through a closure up to max_iter times (a line "
+            "search). Definition 2.1 needs W^{t+1} from a single update; measure gradient ICS with the "
+            "first-order optimizer you compare against (e.g. SGD with LBFGS's lr)."
+        )
+
+
 def _copy_optimizer(optimizer: torch.optim.Optimizer, clone_of: dict[int, Tensor]) -> torch.optim.Optimizer:
+    """A twin of ``optimizer`` on the clones: built from its ``param_groups``, loaded with its
+    ``state_dict`` (momenta, Adam moments, step counts, the groups' current hyperparameters).
+
+    Not from ``optimizer.defaults``: they may hold keys the constructor rejects (AdamW's
+    ``decoupled_weight_decay``), and miss what a scheduler or the user changed since. Constructor
+    keywords are taken from the first group, filtered by the constructor's signature, so that
+    constructor-level flags (``fused``, ``foreach``, ``capturable``) match the original.
+    """
+    _check_optimizer(optimizer)
     groups = []
     for g in optimizer.param_groups:
         g2 = {k: v for k, v in g.items() if k != "params"}
         g2["params"] = [clone_of[id(p)] for p in g["params"]]
         groups.append(g2)
+    cls = type(optimizer)
     try:
-        twin = type(optimizer)(groups, **optimizer.defaults)
-    except TypeError as e:
+        sig = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):  # a C-implemented or exotic constructor: groups carry everything
+        sig = {}
+    named = [
+        k for k, v in sig.items()
+        if k not in ("self", "params") and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)
+    ]
+    kwargs = {k: groups[0][k] for k in named if groups and k in groups[0]}
+    try:
+        twin = cls(groups, **kwargs)
+    except (TypeError, ValueError) as e:
         raise TypeError(
-            f"optimizer: expected a torch.optim-style optimizer whose constructor accepts its "
-            f"`defaults` as keywords, got {type(optimizer).__name__} ({e}). gradient_ics copies "
-            "the optimizer to take this step's update on clones."
+            f"optimizer: expected a torch.optim-style optimizer that can be rebuilt as "
+            f"{cls.__name__}(param_groups, **hyperparameters of its first group), got an error from "
+            f"{cls.__name__}'s constructor ({e}). gradient_ics steps such a copy on clones of the "
+            "parameters; pass an optimizer whose constructor accepts its own param_groups."
         ) from e
     # deepcopy: load_state_dict keeps the saved tensors when dtype and device already match, and
     # the twin's step would then update the real optimizer's moments in place.
@@ -174,8 +211,11 @@ def gradient_ics(
         loss_fn: ``loss_fn(model(*inputs), targets) -> scalar``, the training loss.
         inputs: the step's input batch: a tensor, or a tuple of positional arguments.
         targets: passed to ``loss_fn`` as is.
-        optimizer: the training optimizer (any ``torch.optim`` optimizer whose ``step()`` needs no
-            closure: SGD, Adam, AdamW, RMSprop, ...). It is copied, not stepped.
+        optimizer: the training optimizer: any ``torch.optim`` optimizer whose ``step()`` needs no
+            closure (SGD with or without momentum, Nesterov and weight decay, Adam, AdamW, RAdam,
+            NAdam, Adagrad, Adadelta, Adamax, RMSprop, ASGD, Rprop; not LBFGS, which raises), or
+            one built the same way. It is copied (from its ``param_groups`` and ``state_dict``),
+            never stepped.
         layers: which layers to report (names, globs, types, as in :class:`MonitorConfig`);
             default every parameter-owning module.
         order: names of the parameter-owning modules in the order that defines "before"; default
@@ -189,9 +229,17 @@ def gradient_ics(
         other layer precedes it, so :math:`G' = G` exactly: ``(0.0, 1.0)``. A layer with no
         gradient gets ``(nan, nan)``, as does the cosine when :math:`G` or :math:`G'` is zero.
 
-    Cost: one forward and backward for :math:`G`, one optimizer step on clones, and one forward
-    and backward (down to layer :math:`i` only) per reported layer after the first.
+    Raises:
+        ValueError: LBFGS (its step is a line search, not one update), or ``order`` missing a
+            module that gets a gradient.
+        TypeError: an optimizer that cannot be rebuilt from its ``param_groups``.
+
+    Cost: one forward and backward for :math:`G`, one copy of the optimizer state and one
+    optimizer step on clones, and one forward and backward (down to layer :math:`i` only) per
+    reported layer after the first: for ``L`` layers about ``L + 1`` training steps' worth of
+    compute, so call it every few hundred steps, or pass ``layers=`` to measure a few.
     """
+    _check_optimizer(optimizer)
     owners = owned_parameters(model)
     chosen = select_modules(model, layers, candidates=owners, default=lambda n, m: True)
     params = dict(model.named_parameters())
