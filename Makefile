@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 # Compile the fast CPU BatchNorm kernel once now (about half a minute), so that no run waits for it.
 # Never fails: without a compiler covshift runs its reference path (and warns once).
-$(FAST): $(STAMP) src/covshift/csrc/batch_norm_cpu.cpp
-	$(PY) -c 'import sys, covshift.functional._fast as f; sys.exit(f.main())'
+$(FAST): $(STAMP) $(wildcard src/covshift/csrc/*.cpp)
+	$(PY) -m covshift.ops
 	touch $(FAST)
 
 setup: $(STAMP) $(FAST)

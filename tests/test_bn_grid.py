@@ -137,7 +137,7 @@ def test_momentum_none_is_the_cumulative_average_of_batch_statistics():
 
 
 def test_running_var_gets_the_unbiased_variance_and_output_uses_the_biased_one():
-    bn = cnn.BatchNorm1d(1, momentum=1.0, affine=False, eps=0.0).double()
+    bn = cnn.BatchNorm1d(1, momentum=1.0, affine=False, eps=1e-12).double()  # eps > 0 in training, as torch
     x = torch.tensor([[1.0], [2.0], [3.0], [6.0]], dtype=torch.float64)  # mean 3, biased var 3.5, unbiased 14/3
     y = bn(x)
     assert bn.running_mean.item() == pytest.approx(3.0)

@@ -1,11 +1,20 @@
 """Pure functions: the maths of every covshift layer, with no module state."""
 
-from covshift.functional._fast import FastPathWarning, fast_path_status, get_backend, set_backend, use_backend
-from covshift.functional.batchnorm import ChannelMismatchError, batch_norm
+from covshift.functional.batchnorm import (
+    BatchNormArgumentError,
+    ChannelMismatchError,
+    InputRankError,
+    batch_norm,
+    update_running_stats,
+)
+from covshift.ops.dispatch import FastPathWarning, fast_path_status, get_backend, set_backend, use_backend
 
 __all__ = [
     "batch_norm",
+    "update_running_stats",
+    "BatchNormArgumentError",
     "ChannelMismatchError",
+    "InputRankError",
     # which implementation batch_norm runs: the fused CPU kernel or the plain PyTorch reference
     "set_backend",
     "get_backend",

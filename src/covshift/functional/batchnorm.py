@@ -21,16 +21,19 @@ Backward (sums over the same axes, ``invstd = 1/sqrt(var + eps)``):
 
 The module is a functional core: small pure functions (:func:`batch_stats`, :func:`normalize`,
 :func:`backward_reduce`, :func:`backward_elemt`, :func:`update_running_stats`) that every covshift
-normalization layer composes, and one :class:`BatchNormFunction` that wires them into autograd.
-None of them calls ATen's batch-norm kernels. They are the readable reference: on CPU float32,
-:func:`batch_norm` runs the same maths in a fused C++ kernel (:mod:`covshift.functional._fast`,
-chosen with ``covshift.functional.set_backend``), and falls back to this code wherever that cannot run.
+normalization layer composes, and one :class:`BatchNormFunction` that wires them into autograd
+(analytic backward, a ``jvp`` for forward-mode AD, and a vmap rule for ``torch.func``). None of them
+calls ATen's batch-norm kernels. They are the readable reference: on CPU float32, :func:`batch_norm`
+runs the same maths in a fused C++ kernel registered as the operator ``torch.ops.covshift.batch_norm``
+(:mod:`covshift.ops.batch_norm`; which path runs is :mod:`covshift.ops.dispatch`'s rule), and this code
+wherever that cannot run.
 
 Numerics, decided here once for every layer:
 
 * statistics accumulate in float32 for float16/bfloat16/float32 input and float64 for float64 input;
-* the variance is two-pass (the mean, then the mean of squared deviations), never
-  ``E[x^2] - E[x]^2``, which cancels catastrophically when ``|mean| >> std``;
+* the mean is summed about a shift (each channel's first value), so the partial sums hold deviations
+  rather than multiples of a large mean; the variance is two-pass (the mean, then the mean of squared
+  deviations), never ``E[x^2] - E[x]^2``, which cancels catastrophically when ``|mean| >> std``;
 * ``(x - mean)`` is formed before scaling, rather than folding ``x * alpha + beta``, for the same reason.
 """
 
@@ -41,7 +44,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from covshift.functional import _fast
+from covshift.ops import batch_norm as _op
+from covshift.ops import dispatch
 
 __all__ = [
     "batch_norm",
@@ -52,17 +56,30 @@ __all__ = [
     "backward_elemt",
     "update_running_stats",
     "check_batch_size",
+    "check_eps",
     "BatchNormFunction",
+    "BatchNormArgumentError",
     "ChannelMismatchError",
+    "InputRankError",
 ]
 
 
-class ChannelMismatchError(ValueError, RuntimeError):
-    """The input's channel count (dim 1) differs from the layer's ``num_features``.
+class BatchNormArgumentError(ValueError, RuntimeError):
+    """A bad argument to batch norm: a ``ValueError`` (bad user input) that is also the ``RuntimeError``
+    torch raises for the same call, so ``except RuntimeError:`` code written for torch keeps working."""
 
-    A ``ValueError`` (bad user input) that is also a ``RuntimeError``, the type torch raises
-    for the same mistake, so code written against either keeps working.
-    """
+
+class ChannelMismatchError(BatchNormArgumentError):
+    """The input's channel count (dim 1) differs from the layer's ``num_features``, or a ``(C,)``
+    argument has the wrong size. torch raises ``RuntimeError`` for the same mistake."""
+
+
+class InputRankError(BatchNormArgumentError, IndexError):
+    """Input of fewer than 2 dimensions (that is not the empty ``(0,)``, which torch accepts). torch raises
+    ``RuntimeError`` or ``IndexError`` for it, depending on the other arguments; this is both."""
+
+
+Momentum = Union[float, Tensor]  # a 0-dim tensor for the cumulative average, 1/num_batches_tracked
 
 
 def reduce_dims(input: Tensor) -> list[int]:
@@ -80,6 +97,17 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.reshape(1, -1, *([1] * (ndim - 2)))
 
 
+def check_eps(eps: float, training: bool) -> None:
+    """torch's rule: ``eps > 0`` in training (the variance of a constant channel is 0), ``eps >= 0`` in eval."""
+    if training and not eps > 0:
+        raise ValueError(
+            f"batch_norm eps must be positive during training, but got {eps}; "
+            "use a small positive value such as 1e-5 (the default)."
+        )
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}; use 0 or a small positive value.")
+
+
 def check_batch_size(input: Tensor) -> None:
     """Training needs at least two values per channel, or the variance is zero by construction."""
     size = input.shape
@@ -95,16 +123,17 @@ def check_batch_size(input: Tensor) -> None:
 
 
 def batch_stats(input: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Per-channel batch mean and *biased* variance, two-pass, accumulated in float32 or wider.
+    r"""Per-channel batch mean and *biased* variance, accumulated in float32 or wider.
 
-    .. math:: \mu_c = \frac1m \sum x_c, \qquad \sigma_c^2 = \frac1m \sum (x_c - \mu_c)^2
+    .. math:: \mu_c = K_c + \frac1m \sum (x_c - K_c), \qquad \sigma_c^2 = \frac1m \sum (x_c - \mu_c)^2
 
-    The second pass sums squared *deviations*, so nothing cancels when ``|mean| >> std``
-    (unlike ``E[x^2] - E[x]^2``); torch's sums are cascaded, which keeps the rounding error of
-    each pass small for large ``m``.
+    ``K_c`` is the channel's first value: summing deviations from it instead of ``x`` keeps the
+    partial sums small when ``|mean| >> std`` (with float32 input of mean 1e3 and std 0.1 the plain sum
+    loses about three digits of the mean; this loses none). The second pass sums squared deviations, so
+    nothing cancels (unlike ``E[x^2] - E[x]^2``). Out of place throughout, so ``torch.func`` may batch it.
 
     Args:
-        input: ``(N, C, *)``.
+        input: ``(N, C, *)`` with ``N * prod(*) > 0``.
 
     Returns:
         ``(mean, var)``, each ``(C,)`` in ``acc_dtype(input.dtype)``. Differentiable, so the
@@ -112,9 +141,12 @@ def batch_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """
     acc = acc_dtype(input.dtype)
     dims = reduce_dims(input)
-    count = max(input.numel() // max(input.shape[1], 1), 1)
-    mean = input.sum(dims, dtype=acc) / count
-    xmu = input.to(acc) - _channel_view(mean, input.dim())
+    n = input.dim()
+    count = input.numel() // input.shape[1]
+    x = input.to(acc)
+    shift = x[(0, slice(None)) + (0,) * (n - 2)].detach()  # (C,): each channel's first value
+    mean = shift + (x - _channel_view(shift, n)).sum(dims) / count
+    xmu = x - _channel_view(mean, n)
     var = (xmu * xmu).sum(dims) / count
     return mean, var
 
@@ -134,11 +166,9 @@ def normalize(
     acc = acc_dtype(input.dtype)
     n = input.dim()
     scale = invstd.to(acc) if weight is None else invstd.to(acc) * weight.to(acc)
-    y = input.to(acc) - _channel_view(mean.to(acc), n)  # new tensor, same memory format as input
-    if bias is None:
-        y.mul_(_channel_view(scale, n))
-    else:
-        y = torch.addcmul(_channel_view(bias.to(acc), n), y, _channel_view(scale, n))
+    y = centered(input, mean) * _channel_view(scale, n)  # new tensor, same memory format as input
+    if bias is not None:
+        y = y + _channel_view(bias.to(acc), n)
     return y.to(input.dtype)
 
 
@@ -186,7 +216,8 @@ def backward_elemt(
 
     with ``k = gamma * invstd``, ``a = sum_dy / m`` and ``b = invstd^2 * sum_dy_xmu / m``. ``count``
     is ``m``, the number of values per channel over the *whole* batch (the global batch, for a
-    synchronized BatchNorm). ``xmu`` (see :func:`backward_reduce`) is overwritten when given.
+    synchronized BatchNorm). Out of place, so that ``torch.func`` transforms may batch any argument
+    (batched gradients, ``jacrev``, ``hessian``).
     """
     acc = acc_dtype(input.dtype)
     n = input.dim()
@@ -197,10 +228,7 @@ def backward_elemt(
     slope = _channel_view(-k * invstd * invstd * sum_dy_xmu * inv_m, n)  # -k b
     if xmu is None:
         xmu = centered(input, mean)
-    if torch.is_grad_enabled():  # double backward: out of place, so the graph stays intact
-        dx = xmu * slope + grad_output.to(acc) * _channel_view(k, n) + shift
-    else:  # three in-place passes over one buffer: (x - mu) * (-k b) + dy * k + (-k a)
-        dx = xmu.mul_(slope).addcmul_(grad_output.to(acc), _channel_view(k, n)).add_(shift)
+    dx = xmu * slope + grad_output.to(acc) * _channel_view(k, n) + shift
     return dx.to(input.dtype)
 
 
@@ -211,58 +239,91 @@ def update_running_stats(
     mean: Tensor,
     var: Tensor,
     count: Union[int, float],
-    momentum: float,
+    momentum: Momentum,
 ) -> None:
-    r"""In-place exponential moving average of the batch statistics.
+    r"""In-place exponential moving average of the batch statistics: the one implementation of the rule.
 
     .. math::
 
         \hat\mu \leftarrow (1 - m)\,\hat\mu + m\,\mu_B, \qquad
         \hat\sigma^2 \leftarrow (1 - m)\,\hat\sigma^2 + m\,\sigma_B^2\,\frac{n}{n-1}
 
-    ``m`` is ``momentum`` (the caller passes ``1/num_batches_tracked`` for a cumulative average)
-    and ``n = count``: the running variance receives the *unbiased* batch variance, while
-    normalization uses the biased one.
+    ``m`` is ``momentum``: a float, or a 0-dim tensor (``1/num_batches_tracked`` for the cumulative
+    average, kept on the device so that neither a host sync nor a ``torch.compile`` graph break is
+    needed), and ``n = count``: the running variance receives the *unbiased* batch variance, while
+    normalization uses the biased one. Every covshift layer and both paths of :func:`batch_norm` update
+    through this function (``lerp_``: ``r + m (s - r)``, one fused op per buffer).
     """
     if running_mean is not None:
-        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        w = momentum.to(running_mean.dtype) if isinstance(momentum, Tensor) else momentum
+        running_mean.lerp_(mean.to(running_mean.dtype), w)
     if running_var is not None:
+        w = momentum.to(running_var.dtype) if isinstance(momentum, Tensor) else momentum
         unbiased = var * (count / (count - 1)) if count > 1 else var
-        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        running_var.lerp_(unbiased.to(running_var.dtype), w)
 
 
 class BatchNormFunction(torch.autograd.Function):
-    r"""Autograd wiring of the core: forward is :func:`normalize`, backward is the analytic formula.
+    r"""Autograd wiring of the reference core.
 
-    ``mean`` and ``invstd`` are given, computed without a graph; in training the backward accounts
-    for their dependence on ``input`` analytically (:func:`backward_elemt`). Double backward is
-    supported: when the backward itself runs with grad enabled (``create_graph=True``) it recomputes
-    the statistics from ``input`` with a graph, so that every term stays differentiable.
+    ``forward(input, weight, bias, mean, var, training, eps) -> (y, mean, invstd, var)``: in training it
+    computes the batch statistics from ``input`` itself (so a graph captured by ``torch.export`` or
+    ``torch.jit.trace`` records them) and ignores ``mean``/``var``; otherwise it normalizes with the
+    given ones. The statistics are returned, non-differentiable, for the running update.
+
+    * **backward** is the analytic formula (:func:`backward_reduce`, :func:`backward_elemt`). When the
+      backward itself is differentiated (``create_graph=True``) it recomputes the statistics from
+      ``input`` with a graph, so that every term stays differentiable (double backward, Hessians).
+    * **jvp** (forward-mode AD, ``torch.func.jvp``/``jacfwd``), with tangents ``dx, dgamma, dbeta``:
+
+      .. math::
+
+          d\mu = \overline{dx}, \quad d\sigma^2 = 2\,\overline{(x-\mu)\,dx}, \quad
+          d\,\mathrm{invstd} = -\tfrac12\,\mathrm{invstd}^3\, d\sigma^2,
+
+          dy = \gamma\big((dx - d\mu)\,\mathrm{invstd} + (x - \mu)\, d\,\mathrm{invstd}\big)
+               + d\gamma\,\hat x + d\beta
+
+      (in eval, ``dmu``/``dsigma^2`` are the tangents of the given statistics, usually zero).
+    * ``generate_vmap_rule``: every op is out of place, so ``vmap`` batches it as it is.
     """
 
-    @staticmethod
-    def forward(ctx, input, weight, bias, mean, invstd, training: bool, eps: float):
-        ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.training = training
-        ctx.eps = eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return normalize(input, mean, invstd, weight, bias)
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, grad_output):
-        input, weight, mean, invstd = ctx.saved_tensors
-        if ctx.training and torch.is_grad_enabled():
+    def forward(input, weight, bias, mean, var, training: bool, eps: float):
+        acc = acc_dtype(input.dtype)
+        if training:
             mean, var = batch_stats(input)
-            invstd = torch.rsqrt(var + ctx.eps)
+        else:  # copies, so that no output aliases an input
+            mean, var = mean.to(acc, copy=True), var.to(acc, copy=True)
+        invstd = torch.rsqrt(var + eps)
+        return normalize(input, mean, invstd, weight, bias), mean, invstd, var
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, _, _, training, eps = inputs
+        _, mean, invstd, var = output
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.save_for_forward(input, weight, mean, invstd)
+        ctx.training, ctx.eps = training, eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, invstd, var)
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd, _grad_var):
+        input, weight, mean, invstd = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input = grad_weight = grad_bias = None
         if not (need_input or need_weight or need_bias):
             return None, None, None, None, None, None, None
+        if ctx.training and torch.is_grad_enabled() and input.numel() > 0:
+            mean, var = batch_stats(input)  # with a graph: double backward sees their dependence on x
+            invstd = torch.rsqrt(var + ctx.eps)
         if input.numel() == 0:
             # An empty batch has no statistics; its gradients are empty or zero.
             grad_input = torch.zeros_like(input) if need_input else None
-            zeros = torch.zeros(input.shape[1], dtype=acc_dtype(input.dtype), device=input.device)
-            sum_dy = sum_dy_xmu = zeros
+            sum_dy = sum_dy_xmu = torch.zeros(input.shape[1], dtype=acc_dtype(input.dtype), device=input.device)
         else:
             xmu = centered(input, mean)
             sum_dy, sum_dy_xmu = backward_reduce(grad_output, input, mean, invstd, xmu=xmu)
@@ -282,6 +343,42 @@ class BatchNormFunction(torch.autograd.Function):
             grad_bias = sum_dy.to(ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
+    @staticmethod
+    def jvp(ctx, d_input, d_weight, d_bias, d_mean, d_var, _d_training, _d_eps):
+        input, weight, mean, invstd = ctx.saved_tensors
+        acc = acc_dtype(input.dtype)
+        n = input.dim()
+        dims = reduce_dims(input)
+        xmu = centered(input, mean)
+        inv = _channel_view(invstd, n)
+        count = max(input.numel() // max(input.shape[1], 1), 1)
+        zero = torch.zeros_like(invstd)
+        if ctx.training:
+            dx = None if d_input is None else d_input.to(acc)
+            dmu = zero if dx is None else dx.sum(dims) / count
+            dvar = zero if dx is None else 2 * (xmu * dx).sum(dims) / count
+        else:
+            dx = None if d_input is None else d_input.to(acc)
+            dmu = zero if d_mean is None else d_mean.to(acc)
+            dvar = zero if d_var is None else d_var.to(acc)
+        dinvstd = -0.5 * invstd * invstd * invstd * dvar
+        dxhat = xmu * _channel_view(dinvstd, n) - _channel_view(dmu, n) * inv
+        if dx is not None:
+            dxhat = dxhat + dx * inv
+        dy = dxhat if weight is None else dxhat * _channel_view(weight.to(acc), n)
+        if d_weight is not None:
+            dy = dy + xmu * inv * _channel_view(d_weight.to(acc), n)
+        if d_bias is not None:
+            dy = dy + _channel_view(d_bias.to(acc), n)
+        return dy.to(input.dtype), None, None, None
+
+
+def _affine_inference(input, running_mean, running_var, weight, bias, eps) -> Tensor:
+    """Inference as plain elementwise ops (what export and ONNX graphs record): the reference formula."""
+    acc = acc_dtype(input.dtype)
+    invstd = torch.rsqrt(running_var.to(acc) + eps)
+    return normalize(input, running_mean.to(acc), invstd, weight, bias)
+
 
 def _check_channels(name: str, t: Optional[Tensor], channels: int, where: str) -> None:
     if t is not None and t.numel() != channels:
@@ -298,7 +395,7 @@ def batch_norm(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     training: bool = False,
-    momentum: float = 0.1,
+    momentum: Momentum = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
     r"""Batch Normalization, a drop-in for :func:`torch.nn.functional.batch_norm`.
@@ -306,60 +403,70 @@ def batch_norm(
     .. math:: y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \gamma + \beta
 
     In training, ``mu`` and ``sigma^2`` are the batch's per-channel mean and biased variance, and
-    the running buffers (when given) are updated in place:
+    the running buffers (when given) are updated in place (:func:`update_running_stats`):
     ``running = (1 - momentum) * running + momentum * batch_stat``, with the *unbiased* variance
     going into ``running_var``. Otherwise the running buffers are used and nothing is updated.
     The output keeps the input's dtype and memory format; float16/bfloat16 input works with float32
-    parameters and statistics.
+    parameters and statistics. Which implementation runs is :mod:`covshift.ops.dispatch`'s rule.
 
     Args:
-        input: ``(N, C, *)``.
+        input: ``(N, C, *)``; the empty ``(0,)`` is returned as it is, like torch.
         running_mean, running_var: ``(C,)`` buffers, or ``None`` (required when ``training=False``).
         weight, bias: ``(C,)`` affine parameters ``gamma`` and ``beta``, or ``None``.
         training: use batch statistics (and update the running buffers).
-        momentum: the running-average factor; pass ``1 / num_batches_tracked`` for a cumulative average.
-        eps: added to the variance for numerical stability.
+        momentum: the running-average factor; a float, or a 0-dim tensor such as
+            ``1 / num_batches_tracked`` for a cumulative average.
+        eps: added to the variance; ``> 0`` in training, ``>= 0`` in eval.
 
     Raises:
-        ValueError: input of fewer than 2 dimensions; one value per channel in training; no running
-            statistics in inference.
-        ChannelMismatchError: a ``(C,)`` argument of the wrong size.
+        ValueError: a bad ``eps``; one value per channel in training.
+        InputRankError: non-empty input of fewer than 2 dimensions (also torch's ``RuntimeError``).
+        ChannelMismatchError: a ``(C,)`` argument of the wrong size (also ``RuntimeError``).
+        BatchNormArgumentError: no running statistics in inference (also ``RuntimeError``).
     """
+    check_eps(eps, training)
     if input.dim() < 2:
-        raise ValueError(
+        if input.dim() == 1 and input.numel() == 0:
+            return input.clone()  # torch accepts the empty 1-D tensor (whatever the other arguments) and returns it
+        raise InputRankError(
             f"batch_norm expected input of shape (N, C, *) with at least 2 dimensions, "
             f"got {input.dim()}D input of shape {list(input.shape)}. Add a batch dimension with input.unsqueeze(0)."
         )
     channels = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _check_channels(name, t, channels, "batch_norm")
+        if t is not None and t.numel() != channels:
+            _check_channels(name, t, channels, "batch_norm")
     if momentum is None:
         raise ValueError(
             "batch_norm got momentum=None; the functional form needs a number. "
             "For a cumulative average pass momentum=1/num_batches_tracked (the modules do this for you)."
         )
-    acc = acc_dtype(input.dtype)
     if training:
         check_batch_size(input)
-        if _fast.accepts(input, running_mean, running_var, weight, bias):  # fused C++ kernel, same maths
-            return _fast.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
-        if input.numel() == 0:
-            # N = 0: nothing to normalize, and the running statistics stay as they are.
-            mean = torch.zeros(channels, dtype=acc, device=input.device)
-            invstd = torch.ones(channels, dtype=acc, device=input.device)
-        else:
-            with torch.no_grad():
-                mean, var = batch_stats(input.detach())
-                update_running_stats(running_mean, running_var, mean, var, input.numel() // channels, momentum)
-                invstd = torch.rsqrt(var + eps)
+    elif running_mean is None or running_var is None:
+        raise BatchNormArgumentError(
+            "batch_norm with training=False needs running_mean and running_var, got None. "
+            "Pass the running statistics, or training=True to use batch statistics."
+        )
+    if not training and dispatch.tracing_inference():
+        return _affine_inference(input, running_mean, running_var, weight, bias, eps)
+    if (
+        input.numel() > 0
+        and not dispatch.transformed(input, weight, bias)
+        and dispatch.use_kernel(input, running_mean, running_var, weight, bias)
+    ):
+        if not training:
+            return _op.kernel(input, weight, bias, running_mean, running_var, False, eps)[0]
+        y, mean, _, var = _op.kernel(input, weight, bias, None, None, True, eps)
+    elif training and input.numel() == 0:
+        # N = 0: nothing to normalize, and the running statistics stay as they are.
+        acc = acc_dtype(input.dtype)
+        zeros = torch.zeros(channels, dtype=acc, device=input.device)
+        return BatchNormFunction.apply(input, weight, bias, zeros, torch.ones_like(zeros), False, eps)[0]
     else:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                "batch_norm with training=False needs running_mean and running_var, got None. "
-                "Pass the running statistics, or training=True to use batch statistics."
-            )
-        if _fast.accepts(input, running_mean, running_var, weight, bias):
-            return _fast.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
-        mean = running_mean.detach().to(acc)
-        invstd = torch.rsqrt(running_var.detach().to(acc) + eps)
-    return BatchNormFunction.apply(input, weight, bias, mean, invstd, training, eps)
+        y, mean, _, var = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, eps)
+        if not training:
+            return y
+    if running_mean is not None or running_var is not None:
+        update_running_stats(running_mean, running_var, mean, var, input.numel() // channels, momentum)
+    return y

@@ -10,13 +10,18 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from covshift.functional.batchnorm import update_running_stats
 
 
-def count_batch(layer: _BatchNorm) -> float:
+def count_batch(layer: _BatchNorm) -> Union[float, Tensor]:
     """``num_batches_tracked += 1`` (when the layer has it) and this batch's averaging factor:
-    ``momentum``, or ``1/num_batches_tracked`` (a cumulative average) when ``momentum`` is ``None``."""
+    ``momentum``, or ``1/num_batches_tracked`` (a cumulative average) when ``momentum`` is ``None``.
+
+    The cumulative factor is a 0-dim tensor on the buffer's device, never a Python float: reading the
+    counter on the host would cost a device sync per step and break ``torch.compile`` graphs (with a
+    recompile for every new batch size). :func:`~covshift.functional.batchnorm.update_running_stats`
+    takes either form."""
     if layer.num_batches_tracked is not None:
         layer.num_batches_tracked.add_(1)
         if layer.momentum is None:
-            return 1.0 / float(layer.num_batches_tracked)
+            return layer.num_batches_tracked.double().reciprocal()  # 1/n in double, as torch has it
     return 0.0 if layer.momentum is None else layer.momentum
 
 

@@ -96,7 +96,7 @@ class _BatchNormMixin:
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in self._ranks:
             expected = " or ".join(f"{r}D" for r in self._ranks)
-            raise ValueError(
+            raise ValueError(  # torch's type for this; InputRankError is for input below 2D
                 f"{type(self).__name__} expected {expected} input (got {input.dim()}D input of shape "
                 f"{list(input.shape)}); it takes {self._shape_hint}."
             )
@@ -109,9 +109,24 @@ class _BatchNormMixin:
                 f"num_features={input.shape[1]}, or fix the layer that feeds it."
             )
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it.
+        raise RuntimeError(
+            f"torch.jit.script cannot compile covshift's {type(self).__name__}: its forward calls covshift's "
+            "Python dispatch and C++ operator, which TorchScript does not see. Script a copy that runs "
+            "torch's layer instead: covshift.nn.convert(model, to='torch') (same tensors), or capture the "
+            "model with torch.jit.trace, torch.compile or torch.export, which all run covshift's kernel."
+        )
+
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            # torch.fx.symbolic_trace: be a leaf module, as torch.nn's own layers are to FX's tracers, so
+            # the graph calls this layer (its mode, buffers and checks at run time) instead of inlining
+            # one mode's trace of its Python.
+            return input.tracer.create_proxy("call_module", input.tracer.path_of_module(self), (input,), {})
         self._check_input_dim(input)
-        self._check_channels(input)
+        if input.shape[1] != self.num_features:
+            self._check_channels(input)
         if self._nonfinite_batch(input):
             return batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
         # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward, so behaviour matches case by case.

@@ -52,7 +52,8 @@ def cpu_flags() -> tuple[str, list[str]]:
 
 
 def build_directory() -> Path:
-    """Where extensions are compiled and cached: one folder per torch, Python and CPU capability."""
+    """Where extensions are compiled and cached: one folder per torch, Python and CPU capability
+    (and in it one folder per extension)."""
     root = os.environ.get("COVSHIFT_EXTENSIONS_DIR")
     base = Path(root) if root else Path.home() / ".cache" / "covshift" / "extensions"
     tag = f"torch{torch.__version__.replace('+', '-')}-py{sys.version_info[0]}{sys.version_info[1]}-{cpu_flags()[0]}"
@@ -60,7 +61,7 @@ def build_directory() -> Path:
 
 
 @contextlib.contextmanager
-def _build_lock(directory: Path, name: str) -> Iterator[None]:
+def _build_lock(directory: Path) -> Iterator[None]:
     """An exclusive lock over one extension's build, across processes; released if its holder dies."""
     directory.mkdir(parents=True, exist_ok=True)
     try:
@@ -68,12 +69,11 @@ def _build_lock(directory: Path, name: str) -> Iterator[None]:
     except ImportError:  # Windows: torch's own lock file still serializes the build
         yield
         return
-    with open(directory / f"{name}-build.lock", "w") as handle:
+    with open(directory / "covshift-build.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            # Under our lock nobody else is building, so torch's lock file, if any, is stale
-            # (left by a process killed mid-build); torch would wait on it forever.
-            (directory / name / "lock").unlink(missing_ok=True)
+            # Under our lock nobody else is building this extension, so torch's lock file, if any, is
+            # stale (left by a process killed mid-build); torch would wait on it forever.
             (directory / "lock").unlink(missing_ok=True)
             yield
         finally:
@@ -84,7 +84,7 @@ def _compile(name: str, source: Path) -> str:
     """Compile (or find up to date) and load one extension; returns the shared library's path."""
     from torch.utils import cpp_extension
 
-    directory = build_directory()
+    directory = build_directory() / name  # one folder per extension: torch's lock file is per folder
     _, flags = cpu_flags()
     path = os.environ.get("PATH", "")
     try:
@@ -94,7 +94,7 @@ def _compile(name: str, source: Path) -> str:
     except ImportError:
         pass  # cpp_extension finds a system ninja, or says that it needs one
     try:
-        with _build_lock(directory, name):
+        with _build_lock(directory):
             return cpp_extension.load(
                 name=name,
                 sources=[str(source)],
@@ -116,13 +116,16 @@ def short_error(error: BaseException, limit: int = 600) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def load_library(name: str, source: Optional[Path] = None, *, probe: Optional[str] = None) -> Extension:
+def load_library(
+    name: str, source: Optional[Path] = None, *, probe: Optional[str] = None, namespace: Optional[str] = None
+) -> Extension:
     """Build (if needed) and load the extension ``name`` in this process; never raises.
 
     Args:
-        name: the library name and operator namespace (``torch.ops.<name>``).
+        name: the library (shared object) name.
         source: its C++ file; default ``covshift/csrc/<name>.cpp``.
-        probe: an operator name that must exist in ``torch.ops.<name>`` once loaded.
+        probe: an operator name that must exist in ``torch.ops.<namespace>`` once loaded.
+        namespace: the operator namespace its ``TORCH_LIBRARY`` block defines; default ``name``.
 
     Returns:
         The :class:`Extension` record; ``.loaded`` says whether its operators can be called, ``.error`` why not.
@@ -136,7 +139,7 @@ def load_library(name: str, source: Optional[Path] = None, *, probe: Optional[st
             return ext
         def present() -> bool:
             try:
-                return probe is None or hasattr(getattr(torch.ops, name), probe)
+                return probe is None or hasattr(getattr(torch.ops, namespace or name), probe)
             except (AttributeError, RuntimeError):
                 return False
         try:
@@ -144,7 +147,7 @@ def load_library(name: str, source: Optional[Path] = None, *, probe: Optional[st
             if present():
                 ext.loaded = True
             else:
-                ext.error = f"the compiled library did not register torch.ops.{name}.{probe}"
+                ext.error = f"the compiled library did not register torch.ops.{namespace or name}.{probe}"
         except Exception as error:  # noqa: BLE001 - any failure means: use the reference path
             ext.error = f"the C++ extension {name} could not be built or loaded ({short_error(error)}); build folder {build_directory()}"
     return ext

@@ -1,0 +1,214 @@
+r"""Which implementation a :func:`covshift.functional.batch_norm` call runs.
+
+``"auto"`` (default)
+    the operator ``torch.ops.covshift.batch_norm`` (the fused C++ kernel, :mod:`covshift.ops.batch_norm`)
+    for CPU float32 input that is contiguous, channels_last or channels_last_3d, with float32 (or absent)
+    parameters and buffers; the reference path otherwise. Other dtypes (float64, the verification dtype;
+    float16/bfloat16) and devices run the reference path by design, silently. A float32 CPU call that
+    cannot take the kernel (its strides, its parameters' dtype, or a kernel that failed to build) warns
+    once per reason with :class:`FastPathWarning`.
+``"fast"``
+    the kernel wherever it can run, float64 included; every fallback warns once per reason.
+``"reference"``
+    always the plain PyTorch implementation (:mod:`covshift.functional.batchnorm`).
+
+Whatever the backend, these calls run the reference path, by design and silently, because it is the
+one that can: forward-mode AD (dual tensors), ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``,
+``jacfwd``, ``hessian``: its ``autograd.Function`` has ``jvp`` and vmap rules), and empty batches.
+Inference under ``torch.export``/``torch.onnx.export``/``torch.jit.trace`` is traced as the plain affine
+map, so exported graphs need no custom operator there.
+
+Process-wide: :func:`set_backend`, :func:`use_backend`, or ``COVSHIFT_BACKEND`` in the environment at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from typing import Iterator, Literal, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+
+from covshift.ops import batch_norm as _op
+
+__all__ = [
+    "Backend",
+    "BACKENDS",
+    "FastPathWarning",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "fast_path_status",
+    "use_kernel",
+    "transformed",
+    "tracing_inference",
+]
+
+Backend = Literal["auto", "fast", "reference"]
+BACKENDS: tuple[Backend, ...] = ("auto", "fast", "reference")
+
+# dtypes each backend sends to the kernel.
+_KERNEL_DTYPES = {"auto": (torch.float32,), "fast": (torch.float32, torch.float64)}
+
+
+class FastPathWarning(UserWarning):
+    """covshift's fast CPU kernel could not be used for a call; the reference path ran instead.
+
+    Issued once per reason and process. Silence it with ``warnings.filterwarnings("ignore",
+    category=FastPathWarning)``, or choose the path explicitly with :func:`set_backend`.
+    """
+
+
+def _backend_from_env() -> Backend:
+    value = os.environ.get("COVSHIFT_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        warnings.warn(
+            f"COVSHIFT_BACKEND={value!r} is not one of {', '.join(BACKENDS)}; using 'auto'.", FastPathWarning, stacklevel=2
+        )
+        return "auto"
+    return value  # type: ignore[return-value]
+
+
+class _State:
+    def __init__(self) -> None:
+        self.backend: Backend = _backend_from_env()
+        self.warned: set[str] = set()  # reasons already warned about
+        self.lock = threading.Lock()
+
+
+_state = _State()
+
+
+def set_backend(backend: Backend) -> None:
+    """Choose the path of every later :func:`covshift.functional.batch_norm` call in this process.
+
+    Args:
+        backend: ``"auto"`` (the kernel for CPU float32, the default), ``"fast"`` (the kernel wherever it
+            can run, warning on each kind of fallback) or ``"reference"`` (plain PyTorch).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown covshift backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}."
+        )
+    _state.backend = backend
+
+
+def get_backend() -> Backend:
+    """The backend in force: ``"auto"``, ``"fast"`` or ``"reference"``."""
+    return _state.backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: Backend) -> Iterator[None]:
+    """Context manager: :func:`set_backend` inside the block, the previous backend after it."""
+    previous = _state.backend
+    set_backend(backend)
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+def fast_path_status() -> dict:
+    """What the kernel is doing in this process: backend, whether it is loaded, and why not."""
+    from covshift.ops import build
+
+    ext = build.status(_op.LIBRARY)
+    return {
+        "backend": _state.backend,
+        "loaded": _op.loaded(),
+        "error": None if ext is None else ext.error,
+        "library": None if ext is None else ext.library,
+        "build_directory": str(build.build_directory() / _op.LIBRARY),
+        "source": str(_op.SOURCE),
+    }
+
+
+def _warn_once(key: str, reason: str) -> None:
+    """Warn about a fallback once per kind of reason (``key``) and process."""
+    if key in _state.warned:
+        return
+    _state.warned.add(key)
+    warnings.warn(
+        f"covshift.functional.batch_norm: {reason}; running the reference path.", FastPathWarning, stacklevel=4
+    )
+
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def transformed(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call sees forward-mode AD or a ``torch.func`` transform: the reference path's cases.
+
+    Inside ``torch.compile`` the answer is no: dynamo traces the tensors themselves (and composes with
+    ``torch.func`` on its own terms), so the compiled graph calls the operator."""
+    if torch.compiler.is_compiling():
+        return False
+    if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): some input may be dual
+        return True
+    return any(t is not None and _is_wrapped(t) for t in tensors)
+
+
+def tracing_inference() -> bool:
+    """Whether an inference call is being captured by export, ONNX export or the TorchScript tracer."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether the kernel reads ``t`` as laid out: contiguous, channels_last or channels_last_3d."""
+    if t.is_contiguous():
+        return True
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def use_kernel(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+) -> bool:
+    """Whether this call runs the kernel (warning once per reason where it should and cannot).
+
+    The caller has validated the arguments and ruled out :func:`transformed` calls and empty batches.
+    """
+    backend = _state.backend
+    if backend == "reference":
+        return False
+    dtype = input.dtype
+    if dtype not in _KERNEL_DTYPES[backend] or input.device.type != "cpu" or input.layout != torch.strided:
+        if backend == "fast":  # in "auto" these are the reference path's by design: no warning
+            if input.device.type == "cpu" and input.layout == torch.strided:
+                _warn_once(f"dtype {dtype}", f"the fast path supports float32 and float64 input, got {dtype}")
+            else:
+                where = f"a {input.layout} tensor on {input.device.type}"
+                _warn_once(where, f"the fast path runs on dense CPU tensors, got {where}")
+        return False
+    if not _dense(input):
+        _warn_once(
+            "layout",
+            "the fast path needs contiguous, channels_last or channels_last_3d input, got strides "
+            f"{tuple(input.stride())} for shape {tuple(input.shape)} (call .contiguous() first)",
+        )
+        return False
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and (t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()):
+            _warn_once(
+                f"{name} {t.dtype} {t.device.type}",
+                f"the fast path needs {name} contiguous, on the CPU and of the input's dtype {dtype}; "
+                f"got {t.dtype} on {t.device.type}",
+            )
+            return False
+    if not (_op.loaded() or _op.load()):
+        _warn_once("build", _op.error() or "the fast CPU kernel is unavailable")
+        return False
+    return True
