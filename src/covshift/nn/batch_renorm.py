@@ -156,6 +156,8 @@ class _BatchRenormMixin:
         return 1.0 + (self.r_max - 1.0) * r_frac, self.d_max * d_frac
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):  # torch.fx.symbolic_trace: a leaf module, as the plain layers
+            return super().forward(input)
         self._check_input_dim(input)
         self._check_channels(input)
         check_eps(type(self).__name__, self.eps, self.training)
@@ -170,6 +172,10 @@ class _BatchRenormMixin:
             running_invstd = torch.rsqrt(self.running_var.to(acc) + self.eps)
             r = (running_invstd / invstd).clamp(1.0 / r_lim, r_lim)  # sigma_B / sigma, (C,)
             d = ((mean - self.running_mean.to(acc)) * running_invstd).clamp(-d_lim, d_lim)  # (C,)
+        # Before normalizing, as torch's kernel does: a checkpointed forward that stops recomputing once
+        # the normalization has saved its tensors then updates twice per step, exactly as torch's layer.
+        if self.track_running_stats and not self._nonfinite_batch(input):
+            advance_running_stats(self, mean, var, input.numel() // input.shape[1])
         if self.weight is None:  # gamma = 1, beta = 0
             weight, bias = r, d
         else:  # gamma * (x_hat_B * r + d) + beta; autograd gives dgamma = r sum(dy x_hat_B) + d sum(dy)
@@ -177,11 +183,7 @@ class _BatchRenormMixin:
             bias = self.weight * d.to(self.weight.dtype)
             bias = bias if self.bias is None else self.bias + bias
         # Batch statistics, no running buffers: the core normalizes with (mean, var) of this batch again.
-        out = batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
-        # After the forward succeeded, so that an error leaves the statistics as they were.
-        if self.track_running_stats and not self._nonfinite_batch(input):
-            advance_running_stats(self, mean, var, input.numel() // input.shape[1])
-        return out
+        return batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
 
 
 class BatchRenorm1d(_BatchRenormMixin, BatchNorm1d):

@@ -91,6 +91,8 @@ class _FrozenBatchNormMixin:
         return super().train(False)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):  # torch.fx.symbolic_trace: a leaf module, as the plain layers
+            return super().forward(input)
         self._check_input_dim(input)
         self._check_channels(input)
         check_eps(type(self).__name__, self.eps, training=False)

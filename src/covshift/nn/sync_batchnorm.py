@@ -194,6 +194,8 @@ class SyncBatchNorm(_BatchNormMixin, _BatchNorm):
         return group if dist.get_world_size(group) > 1 else None
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):  # torch.fx.symbolic_trace: a leaf module, as the plain layers
+            return super().forward(input)
         self._check_input_dim(input)
         self._check_channels(input)
         check_eps(type(self).__name__, self.eps, self.training)  # the same on every process: no collective hangs
