@@ -105,9 +105,11 @@ def train_classifier(
     log: Optional[Callable[[dict], None]] = None,
     before_step: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
     measure_every: int = 0,
+    eval_at_start: bool = True,
     progress: Optional[Callable[[int, int, Optional[float], Optional[float]], None]] = None,
 ) -> TrainResult:
-    """SGD on cross-entropy; test accuracy at step 0, every ``eval_every`` steps and at the end.
+    """SGD on cross-entropy; test accuracy at step 0 (unless ``eval_at_start=False``), every
+    ``eval_every`` steps and at the end.
 
     ``before_step(step, x, y)`` is called before the update of every ``measure_every``-th step
     (steps ``0, N, 2N, ...``) with that step's batch. A non-finite training loss stops training:
@@ -128,7 +130,8 @@ def train_classifier(
         return acc, tl
 
     model.train()
-    acc, tl = checkpoint(0)
+    if eval_at_start:
+        checkpoint(0)
     last_train = math.nan
     for step in range(steps):
         xb, yb = x_train[idx[step]], y_train[idx[step]]

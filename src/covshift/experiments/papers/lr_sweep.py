@@ -1,0 +1,209 @@
+"""``lr-sweep``: which learning rates train, with and without BN (Bjorck et al. 2018; Ioffe & Szegedy 2015).
+
+Bjorck, Gomes, Selman & Weinberger 2018 ("Understanding Batch Normalization", arXiv:1806.02375)
+find that BN's benefit is mainly that it makes much larger learning rates trainable; Ioffe &
+Szegedy's BN-x5 and BN-x30 trained Inception at 5 and 30 times the baseline's rate. Here a
+784-100-100-100-10 ReLU MLP (He-initialized), with and without BN before every ReLU, is trained
+with plain SGD for a fixed budget of steps at every rate of a logarithmic grid (half decades,
+``1e-3`` to ``1e2``), and the final test accuracy is recorded, with the divergences (a non-finite
+training loss, which stops the run).
+
+"Trains at a rate" is defined before the run: at every seed, the run did not diverge and its final
+test accuracy is at least ``trains_threshold`` (0.5, five times chance on ten classes). The largest
+trainable rate is read off the grid, so a ratio of largest rates is known to within a factor of
+:math:`\\sqrt{10}` on either side.
+
+Choices (not from the papers): MNIST and an MLP instead of CIFAR-10 and ResNet-110; no momentum,
+no weight decay, no schedule; 1,000 steps of 60 examples (one epoch) per rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from covshift.experiments.config import ExperimentConfig
+from covshift.experiments.declaration import Arm, Axis, Claim, ClaimResult, Experiment, FigureSpec, Metric, Role, UnitContext, Verdict
+from covshift.experiments.papers.common import doc_field, he_mlp, not_evaluated, tensors, train_classifier
+from covshift.experiments.papers.plotting import arm_color, new_figure, sweep_band
+from covshift.experiments.registry import register
+
+__all__ = ["LR_SWEEP", "LrSweepConfig", "lr_unit", "largest_trainable"]
+
+
+@dataclass
+class LrSweepConfig(ExperimentConfig):
+    lrs: tuple[float, ...] = doc_field(
+        "the learning-rate grid (half decades)", default=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+    )
+    trains_threshold: float = doc_field("final test accuracy at or above which a run counts as trained", default=0.5)
+
+
+def _result(u, key: str) -> Optional[float]:
+    v = (u.status.get("result") or {}).get(key)
+    return None if v is None else float(v)
+
+
+def lr_unit(ctx: UnitContext) -> dict:
+    cfg = ctx.config
+    x_train, y_train, x_test, y_test = tensors(ctx.data)
+    model = he_mlp(cfg, ctx.data)
+    res = train_classifier(
+        model, x_train, y_train, x_test, y_test,
+        steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seeds[0], momentum=cfg.momentum,
+        eval_every=cfg.eval_every, eval_at_start=False, log=lambda r: ctx.log("metrics", r), progress=ctx.progress,
+    )
+    return {"lr": cfg.lr, "diverged": res.diverged, "steps_taken": res.steps, "test_acc": res.test_acc, "test_loss": res.test_loss, "seconds": res.seconds}
+
+
+def _trained(u, threshold: float) -> bool:
+    acc = _result(u, "test_acc")
+    return not (u.status.get("result") or {}).get("diverged", True) and acc is not None and acc >= threshold
+
+
+def largest_trainable(run, arm: str) -> tuple[Optional[float], int, list[float]]:
+    """``(largest rate trained at every seed, number of seeds, the grid)``; ``None`` when no rate trains."""
+    threshold = run.config.trains_threshold
+    grid, best, seeds = [], None, 0
+    for p in run.points():
+        lr = dict(p).get("lr")
+        us = run.units_of(arm, p)
+        if lr is None or not us:
+            continue
+        grid.append(lr)
+        seeds = max(seeds, len(us))
+        if all(_trained(u, threshold) for u in us) and (best is None or lr > best):
+            best = lr
+    return best, seeds, sorted(grid)
+
+
+def claim_larger_rates(run, tolerance: float) -> ClaimResult:
+    t, b = run.first(Role.TREATMENT), run.first(Role.BASELINE)
+    if not (t and b):
+        return not_evaluated("the run lacks the BN or the plain network")
+    lt, nt, grid = largest_trainable(run, t.name)
+    lb, nb, _ = largest_trainable(run, b.name)
+    if lt is None or lb is None:
+        who = t.label if lt is None else b.label
+        return not_evaluated(f"{who} trained at no rate of the grid, so there is no largest trainable rate")
+    ratio = lt / lb
+    edge = " (BN trained at the grid's largest rate: the ratio is a lower bound)" if lt == max(grid) else ""
+    text = (
+        f"largest rate that trains at all {nt} seeds: {t.label} {lt:g}, {b.label} {lb:g}; ratio {ratio:g}{edge}. "
+        f"Read off a half-decade grid, so each rate is known to a factor of sqrt(10); the claim needs a ratio of at least {tolerance:g}"
+    )
+    return ClaimResult(Verdict.HELD if ratio >= tolerance * (1 - 1e-9) else Verdict.NOT_HELD, text)
+
+
+def _best_over_grid(run, arm: str) -> dict[int, float]:
+    best: dict[int, float] = {}
+    for p in run.points():
+        for u in run.units_of(arm, p):
+            acc = _result(u, "test_acc")
+            if acc is not None and math.isfinite(acc):
+                best[u.seed] = max(best.get(u.seed, -math.inf), acc)
+    return best
+
+
+def claim_best_accuracy(run, tolerance: float) -> ClaimResult:
+    from covshift.experiments.results import verdict_greater
+    from covshift.experiments.stats import estimate
+
+    t, b = run.first(Role.TREATMENT), run.first(Role.BASELINE)
+    if not (t and b):
+        return not_evaluated("the run lacks the BN or the plain network")
+    bt, bb = _best_over_grid(run, t.name), _best_over_grid(run, b.name)
+    d = estimate([bt[s] - bb[s] for s in sorted(set(bt) & set(bb))])
+    v = verdict_greater(d, -tolerance, f"best final test accuracy over the grid, {t.label} minus {b.label} (per seed)")
+    return ClaimResult(
+        v.verdict,
+        f"{v.summary}; best accuracy {t.label} {estimate(list(bt.values())).format(4)}, {b.label} {estimate(list(bb.values())).format(4)}",
+        v.numbers,
+    )
+
+
+def findings(run) -> list[str]:
+    out = []
+    for arm in run.arms:
+        div = []
+        for p in run.points():
+            us = run.units_of(arm.name, p)
+            n = sum(1 for u in us if (u.status.get("result") or {}).get("diverged"))
+            if n:
+                div.append(f"{dict(p)['lr']:g} ({n}/{len(us)} seeds)")
+        out.append(f"{arm.label}: diverged at " + (", ".join(div) if div else "no rate of the grid") + ".")
+    return out
+
+
+def _figure(run):
+    fig, (ax,) = new_figure(1, 6.0, 4.2)
+    for arm in run.arms:
+        sweep_band(ax, run, arm, "lr", lambda u: _result(u, "test_acc"))
+        xs = [dict(p)["lr"] for p in run.points() for u in run.units_of(arm.name, p) if (u.status.get("result") or {}).get("diverged")]
+        if xs:
+            ax.scatter(xs, np.zeros(len(xs)), marker="x", color=arm_color(run, arm), label=f"{arm.label}: diverged")
+    ax.axhline(run.config.trains_threshold, color="gray", ls=":", lw=1, label="'trains' threshold")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"test accuracy after {run.config.steps:,} steps")
+    ax.set_ylim(-0.03, 1.0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+LR_SWEEP = register(
+    Experiment(
+        name="lr-sweep",
+        version=1,
+        summary="a logarithmic learning-rate grid for an MNIST ReLU MLP with and without BN: final accuracy and divergences",
+        paper="Bjorck et al. 2018; Ioffe & Szegedy 2015 (BN-x5, BN-x30)",
+        question="Does BN make learning rates trainable that are at least 10x larger, without losing the best accuracy?",
+        config=LrSweepConfig(activation="relu", steps=1000, batch_size=60, eval_every=1000, eval_every_early=1000, probe_size=0, ics_every=0, seeds=(0, 1, 2)),
+        arms=(
+            Arm("none", Role.BASELINE, "no normalization", {"norm": "none"}, color="#d1495b"),
+            Arm("bn", Role.TREATMENT, "BatchNorm", {"norm": "bn"}, color="#00798c"),
+        ),
+        sweep=(Axis("lr", "lrs", label="learning rate", log=True),),
+        unit_fn=lr_unit,
+        metrics=(
+            Metric("test_acc", "final test accuracy", lambda u: _result(u, "test_acc")),
+            Metric("diverged", "diverged (fraction of seeds)", lambda u: float(bool((u.status.get("result") or {}).get("diverged"))), digits=2),
+        ),
+        claims=(
+            Claim(
+                "larger-rates",
+                "BN enables training with larger learning rates ... networks with BN can be trained with learning rates "
+                "that would make the network without BN diverge (Ioffe & Szegedy's BN-x30 trained at 30 times the rate).",
+                "Bjorck et al. 2018, abstract and section 2; Ioffe & Szegedy 2015, section 4.2.1",
+                claim_larger_rates,
+                tolerance=10.0,
+                tolerance_text="largest trainable rate with BN / without: at least 10 (on the half-decade grid)",
+            ),
+            Claim(
+                "best-accuracy",
+                "BN ... yields faster convergence and better generalization (its best accuracy over learning rates is at least the "
+                "plain network's best).",
+                "Bjorck et al. 2018, abstract",
+                claim_best_accuracy,
+                tolerance=0.005,
+                tolerance_text="per-seed best accuracy over the grid, BN minus plain: the 95% interval above -0.005",
+            ),
+        ),
+        figures=(
+            FigureSpec("lr_sweep.png", "Final test accuracy against the learning rate (mean over seeds with its 95% band); a cross "
+                       "marks each run that diverged; the dotted line is the accuracy that counts as 'trains'.", _figure),
+        ),
+        findings=findings,
+        notes=(
+            "MNIST and a 784-100-100-100-10 ReLU MLP instead of CIFAR-10 and ResNet-110 (Bjorck et al.) or Inception on "
+            "ImageNet (Ioffe & Szegedy).",
+            "Plain SGD without momentum, weight decay or schedule, 1,000 steps of 60 examples per rate; He initialization.",
+            "A rate 'trains' when every seed finishes without a non-finite loss at a test accuracy of at least 0.5; chosen "
+            "before the run.",
+        ),
+    )
+)
