@@ -148,11 +148,49 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results["mismatch"] = "no error"
         except RuntimeError as e:
             results["mismatch"] = str(e)
+        # End to end: ActivationMonitor(reduce="global") on each rank's shard; only rank 0 writes.
+        results["monitor"] = _monitored_run(rank, Path(out_dir) / f"run_rank{rank}")
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:  # report, do not hang the parent
         results["error"] = traceback.format_exc()
+    results["out_dir"] = out_dir
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+# -- end to end: the monitor under reduce="global" ------------------------------------------------------
+MON_SPLITS = [(5, 3), (8, 0), (2, 6)]  # rows per rank at steps 0, 1, 2: uneven, an empty rank, uneven
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 10), torch.nn.Sigmoid(), torch.nn.Linear(10, 3)
+    )
+
+
+def _mon_batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 6, generator=g) * (1 + step) + step
+
+
+def _monitored_run(rank, log_dir, reduce="global"):
+    """Three recorded steps of forwards on this rank's shard; returns rank's view (rank 0: everything)."""
+    from covshift.monitor import ActivationMonitor
+
+    model = _mlp()
+    mon = ActivationMonitor(
+        model, every=1, reduce=reduce, log_dir=log_dir, hist_range=(-3.0, 3.0), hist_bins=12
+    )
+    with mon:
+        for step, split in enumerate(MON_SPLITS):
+            x = _mon_batch(step)
+            if reduce == "global":
+                start = sum(split[:rank])
+                x = x[start : start + split[rank]]
+            model(x)
+            mon.step()
+    return {"table": mon.table(), "layers": mon.layers}
 
 
 def _free_port() -> int:
@@ -271,3 +309,27 @@ def test_percentiles_from_histogram_are_within_one_bin_width():
     assert low.tolist() == pytest.approx([float(x.min()), float(x.max())])
     empty = layer_stats([torch.zeros(0, 1, dtype=torch.float64)], [RecordKey("e")], [0])
     assert torch.isnan(percentiles_from_histogram(empty.hist, torch.tensor(EDGES), [50.0], empty.min, empty.max)).all()
+
+
+def test_monitor_reduce_global_equals_one_process_and_only_rank_0_writes(ranks, tmp_path):
+    from covshift.monitor import load
+
+    single = _monitored_run(0, tmp_path / "single", reduce="rank")  # the concatenated batch, one process
+    want = {(r["step"], r["layer"], r["stat"]): r["value"] for r in single["table"]}
+    got = ranks[0]["monitor"]
+    assert got["layers"] == single["layers"]
+    rows = {(r["step"], r["layer"], r["stat"]): r["value"] for r in got["table"]}
+    assert rows.keys() == want.keys() and {k[0] for k in rows} == {0, 1, 2}
+    for k, v in want.items():
+        assert rows[k] == pytest.approx(v, rel=1e-6, abs=1e-6, nan_ok=True), k
+    assert ranks[1]["monitor"]["table"] == []  # rank 1 holds no merged records
+
+    # rank 0's files hold the global records; rank 1 wrote nothing
+    run_dir = Path(ranks[0]["out_dir"]) / "run_rank0"
+    disk = load(run_dir)
+    ref = load(tmp_path / "single")
+    for layer in ref.layers:
+        h, hr = disk.histograms(layer), ref.histograms(layer)
+        assert np.array_equal(h.counts, hr.counts) and np.array_equal(h.edges, hr.edges), layer
+        assert np.array_equal(h.steps, hr.steps)
+    assert not (Path(ranks[1]["out_dir"]) / "run_rank1").exists()

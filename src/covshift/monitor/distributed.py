@@ -38,8 +38,10 @@ as a pure function; the flush uses the samples.
 Every rank must call :func:`merge_across_ranks` at the same flush with rows built in the same
 order; a row mismatch (different keys or steps, different histogram widths or channel counts) is
 detected from the gathered headers and raises the same error on every rank, after the collective,
-so no rank hangs. (With ``sample_width`` given, the buffers of mismatched ranks may differ in
-size, and the backend's own all_gather error comes first.)
+so no rank hangs. That check is certain only without ``sample_width`` (the widths, with the
+headers, are gathered first): with it, ranks whose rows differ in number send buffers of different
+sizes, and the backend fails first, in its own words (gloo aborts the process with "Received data
+size doesn't match expected size").
 """
 
 from __future__ import annotations
