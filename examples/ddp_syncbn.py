@@ -17,18 +17,19 @@ What it shows, top to bottom:
 2. ``DistributedDataParallel`` averages the parameter gradients (the BN layers' weight and bias
    gradients included); covshift's SyncBatchNorm all-reduces only the two reductions its input gradient
    needs.
-3. The activation monitor records on **rank 0 only**, and what it records is **rank 0's shard**: the
-   statistics of the activations of the samples rank 0 processed. Nothing is reduced across ranks (the
-   monitor runs no collectives, so the other ranks never wait for it). With shuffled shards of the same
-   distribution, rank 0's shard is a fair sample of the global batch; the BN layers' own normalization
-   uses the global statistics all the same.
+3. The activation monitor runs on **every rank** with ``MonitorConfig(reduce="global")``: each rank
+   measures its own shard, and at every flush the ranks merge their records (one ``all_gather`` per
+   flush, never one per hook: exact counts, means and variances by Chan's formula, min/max, summed
+   histogram counts, percentiles from the pooled samples). What is recorded is therefore the
+   distribution of the **global batch**, the one SyncBatchNorm normalizes with, and only rank 0 writes
+   the run directory. ``optimizer=`` makes the monitor step itself after every ``optimizer.step()``.
+   (The default, ``reduce="rank"``, records each process's own shard with no communication.)
 4. Evaluation runs on rank 0 alone, in eval mode, where SyncBatchNorm never communicates.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import socket
 
@@ -38,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import covshift.nn as cnn
+from covshift.monitor import ActivationMonitor, MonitorConfig
 
 
 def make_data(n: int, seed: int = 0) -> TensorDataset:
@@ -96,28 +98,24 @@ def main() -> None:
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler, drop_last=True)
 
-    # Rank 0 records its own shard; the other ranks get a context that does nothing.
-    monitor = contextlib.nullcontext()
-    # ---- activation monitor (rank 0) ----------------------------------------------------------------
-    if rank == 0:
-        from covshift.monitor import ActivationMonitor, MonitorConfig
-
-        # covshift's SyncBatchNorm is named explicitly: it is not one of torch's BatchNorm classes.
-        config = MonitorConfig(every=args.monitor_every, layers=[cnn.SyncBatchNorm, torch.nn.ReLU])
-        monitor = ActivationMonitor(model, config=config, log_dir=args.log_dir, if_exists="overwrite")
+    # ---- activation monitor: on every rank, statistics of the global batch, files from rank 0 ---------
+    # SyncBatchNorm is a _NormBase, so the default layers would include it; naming them keeps the run
+    # to the inputs of the BN layers and the ReLUs. Each rank records the same modules at the same
+    # steps (a requirement of reduce="global"); the flushes (every flush_every recorded steps, and on
+    # leaving the with block) are collectives. log_dir is used by rank 0 only.
+    config = MonitorConfig(every=args.monitor_every, layers=[cnn.SyncBatchNorm, torch.nn.ReLU], reduce="global")
+    monitor = ActivationMonitor(model, config=config, log_dir=args.log_dir, if_exists="overwrite", optimizer=optimizer)
     # --------------------------------------------------------------------------------------------------
 
     step, epoch = 0, 0
-    with monitor as mon:
+    with monitor:
         while step < args.steps:
             sampler.set_epoch(epoch)
             for x, y in loader:
                 loss = torch.nn.functional.cross_entropy(ddp(x), y)
                 optimizer.zero_grad()
                 loss.backward()
-                optimizer.step()
-                if mon is not None:
-                    mon.step()
+                optimizer.step()  # also ends the monitor's step (optimizer=)
                 step += 1
                 if step % 20 == 0 or step == args.steps:
                     mean_loss = loss.detach().clone()
@@ -142,12 +140,12 @@ def main() -> None:
         with torch.no_grad():
             accuracy = (model(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean().item()
         print(f"running statistics agree across {world} ranks; test accuracy {accuracy:.3f}")
-        if mon is not None:
-            for layer in mon.layers:
-                steps, means = mon.series(layer, "mean")
-                if len(steps):
-                    print(f"monitor (rank 0 shard) {layer:>3}: input mean {means[0]:+.3f} at step {int(steps[0])}, "
-                          f"{means[-1]:+.3f} at step {int(steps[-1])}")
+        for layer in monitor.layers:  # rank 0 holds the merged records
+            steps, means = monitor.series(layer, "mean")
+            _, numel = monitor.series(layer, "numel")
+            if len(steps):
+                print(f"monitor (global batch) {layer:>3}: input mean {means[0]:+.3f} at step {int(steps[0])}, "
+                      f"{means[-1]:+.3f} at step {int(steps[-1])}, {int(numel[-1])} values per record")
     dist.destroy_process_group()
 
 

@@ -1,4 +1,4 @@
-"""examples/ddp_syncbn.py runs under torchrun on 2 CPU processes (gloo), with the monitor on rank 0."""
+"""examples/ddp_syncbn.py runs under torchrun on 2 CPU processes (gloo); its monitor records the global batch."""
 
 import json
 import os
@@ -23,7 +23,11 @@ def test_ddp_example_trains_a_few_steps_under_torchrun(tmp_path):
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-4000:]}"
     assert "step   12  loss" in proc.stdout
     assert "running statistics agree across 2 ranks" in proc.stdout
-    # Rank 0's monitor recorded steps 0, 5 and 10 of the SyncBatchNorm layers and wrote its run.
+    # The monitor (reduce="global", optimizer=) recorded steps 0, 5 and 10 of the SyncBatchNorm layers,
+    # merged over both ranks: each record of the first BN's input holds both shards, 2 x 32 samples of
+    # (8, 12, 12). Rank 0 wrote the run, once.
     rows = [json.loads(line) for line in (log_dir / "monitor.jsonl").read_text().splitlines() if line.strip()]
-    assert rows, "the monitor wrote no records"
-    assert "monitor (rank 0 shard)   1: input mean" in proc.stdout and "at step 10" in proc.stdout
+    bn1 = [r for r in rows if r["layer"] == "1"]
+    assert [r["step"] for r in bn1] == [0, 5, 10], rows
+    assert all(r["numel"] == 2 * 32 * 8 * 12 * 12 for r in bn1), [r["numel"] for r in bn1]
+    assert "monitor (global batch)   1: input mean" in proc.stdout and "at step 10, 73728 values" in proc.stdout
