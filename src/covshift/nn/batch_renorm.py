@@ -7,8 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from covshift.functional.batchnorm import acc_dtype, batch_norm, batch_stats, check_batch_size
-from covshift.nn._checks import check_eps
+from covshift.functional.batchnorm import acc_dtype, batch_norm, batch_stats, check_batch_size, check_eps
 from covshift.nn._running import advance_running_stats
 from covshift.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -155,23 +154,35 @@ class _BatchRenormMixin:
         d_frac = min(1.0, t / self.d_relax_steps) if self.d_relax_steps else 1.0
         return 1.0 + (self.r_max - 1.0) * r_frac, self.d_max * d_frac
 
+    def _current_limits(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """:meth:`limits` at the current step, as 0-dim tensors of ``dtype``: the step counter is never
+        read on the host, so a training step costs no device sync and ``torch.compile`` no graph break."""
+        t = (self.num_batches_tracked - self.warmup_steps).double()  # < 0 while warming up
+        warm = t >= 0
+        one = torch.ones_like(t)
+        r_frac = (t / self.r_relax_steps).clamp(0.0, 1.0) if self.r_relax_steps else one
+        d_frac = (t / self.d_relax_steps).clamp(0.0, 1.0) if self.d_relax_steps else one
+        r_lim = torch.where(warm, 1.0 + (self.r_max - 1.0) * r_frac, one)
+        d_lim = torch.where(warm, self.d_max * d_frac, torch.zeros_like(t))
+        return r_lim.to(dtype), d_lim.to(dtype)
+
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, torch.fx.Proxy):  # torch.fx.symbolic_trace: a leaf module, as the plain layers
             return super().forward(input)
         self._check_input_dim(input)
         self._check_channels(input)
-        check_eps(type(self).__name__, self.eps, self.training)
+        check_eps(self.eps, self.training)
         if not self.training or self.running_mean is None or self.running_var is None or input.numel() == 0:
             return super().forward(input)  # plain BatchNorm: inference, or no running statistics to correct by
         check_batch_size(input)
         acc = acc_dtype(input.dtype)
-        r_lim, d_lim = self.limits()
+        r_lim, d_lim = self._current_limits(acc)  # before this batch counts
         with torch.no_grad():  # r and d are constants for the backward (stop-gradient)
             mean, var = batch_stats(input.detach())
             invstd = torch.rsqrt(var + self.eps)
             running_invstd = torch.rsqrt(self.running_var.to(acc) + self.eps)
-            r = (running_invstd / invstd).clamp(1.0 / r_lim, r_lim)  # sigma_B / sigma, (C,)
-            d = ((mean - self.running_mean.to(acc)) * running_invstd).clamp(-d_lim, d_lim)  # (C,)
+            r = torch.clamp(running_invstd / invstd, 1.0 / r_lim, r_lim)  # sigma_B / sigma, (C,)
+            d = torch.clamp((mean - self.running_mean.to(acc)) * running_invstd, -d_lim, d_lim)  # (C,)
         # Before normalizing, as torch's kernel does: a checkpointed forward that stops recomputing once
         # the normalization has saved its tensors then updates twice per step, exactly as torch's layer.
         if self.track_running_stats and not self._nonfinite_batch(input):

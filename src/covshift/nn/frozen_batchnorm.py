@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from covshift.functional.batchnorm import batch_norm
-from covshift.nn._checks import check_eps
+from covshift.functional.batchnorm import batch_norm, check_eps
 from covshift.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormMixin
 from covshift.nn.swap import replace_modules, swap_class
 
@@ -95,7 +94,7 @@ class _FrozenBatchNormMixin:
             return super().forward(input)
         self._check_input_dim(input)
         self._check_channels(input)
-        check_eps(type(self).__name__, self.eps, training=False)
+        check_eps(self.eps, training=False)
         weight = None if self.weight is None else self.weight.detach()
         bias = None if self.bias is None else self.bias.detach()
         return batch_norm(input, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)

@@ -7,8 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from covshift.functional.batchnorm import batch_norm, batch_stats
-from covshift.nn._checks import check_eps
+from covshift.functional.batchnorm import batch_norm, batch_stats, check_eps
 from covshift.nn._running import advance_running_stats
 from covshift.nn.batchnorm import BatchNorm1d, BatchNorm2d
 
@@ -112,7 +111,7 @@ class _GhostBatchNormMixin:
             return super().forward(input)
         self._check_input_dim(input)
         self._check_channels(input)
-        check_eps(type(self).__name__, self.eps, self.training)
+        check_eps(self.eps, self.training)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch_stats or input.shape[0] <= self.virtual_batch_size or input.numel() == 0:
             return super().forward(input)  # one ghost batch (or inference): plain BatchNorm

@@ -18,9 +18,9 @@ from covshift.functional.batchnorm import (
     backward_reduce,
     batch_stats,
     centered,
+    check_eps,
     normalize,
 )
-from covshift.nn._checks import check_eps
 from covshift.nn._running import advance_running_stats
 from covshift.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormMixin
 from covshift.nn.swap import replace_modules, swap_class
@@ -198,7 +198,7 @@ class SyncBatchNorm(_BatchNormMixin, _BatchNorm):
             return super().forward(input)
         self._check_input_dim(input)
         self._check_channels(input)
-        check_eps(type(self).__name__, self.eps, self.training)  # the same on every process: no collective hangs
+        check_eps(self.eps, self.training)  # the same on every process: no collective hangs
         group = self._sync_group()
         if group is None:
             return super().forward(input)
