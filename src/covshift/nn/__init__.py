@@ -6,6 +6,7 @@ from covshift.nn.convert import convert
 from covshift.nn.frozen_batchnorm import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze
 from covshift.nn.fuse import fuse_bn
 from covshift.nn.ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d
+from covshift.nn.noisy_batchnorm import NoisyBatchNorm1d, NoisyBatchNorm2d  # also registers norm "noisy-bn"
 from covshift.nn.norms import create_norm_layer, get_norm_layer, norm_names, register_norm
 from covshift.nn.stats import update_bn_stats
 from covshift.nn.sync_batchnorm import ProcessGroupError, SyncBatchNorm
@@ -25,6 +26,8 @@ __all__ = [
     "PAPER_SCHEDULE",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
+    "NoisyBatchNorm1d",
+    "NoisyBatchNorm2d",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
