@@ -15,3 +15,5 @@ The measurements they add are pure functions with their own tests:
 from covshift.experiments.papers import depth  # noqa: F401  (registers the experiment)
 from covshift.experiments.papers import lr_sweep  # noqa: F401
 from covshift.experiments.papers import batch_size  # noqa: F401
+from covshift.experiments.papers import loss_landscape  # noqa: F401
+from covshift.experiments.papers import santurkar_noise  # noqa: F401
