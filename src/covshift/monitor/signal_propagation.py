@@ -561,6 +561,7 @@ def plot_signal_propagation(
     stats: Sequence[Statistic] = ("channel_sq_mean", "channel_var", "residual_var"),
     *,
     log_y: Optional[Sequence[bool]] = None,
+    ncols: Optional[int] = None,
 ):
     """A signal propagation plot: one panel per statistic against depth, one line per model.
 
@@ -568,6 +569,7 @@ def plot_signal_propagation(
         results: one or more :class:`SignalPropagation` (their ``label`` names the lines).
         stats: the statistics to draw, one panel each.
         log_y: per panel, a log y-axis; default log for the variances and squared means.
+        ncols: panels per row (default all in one row).
 
     Returns:
         a ``matplotlib.figure.Figure`` (not attached to pyplot: save it with ``fig.savefig``).
@@ -581,8 +583,13 @@ def plot_signal_propagation(
         if s not in STATISTICS:
             raise ValueError(f"stats: expected names from {STATISTICS}, got {s!r}.")
     logs = list(log_y) if log_y is not None else [s in ("channel_sq_mean", "channel_var", "residual_var") for s in stats]
-    fig = Figure(figsize=(3.6 * len(stats), 3.2), layout="constrained")
-    axes = fig.subplots(1, len(stats), squeeze=False)[0]
+    cols = len(stats) if ncols is None else max(1, min(int(ncols), len(stats)))
+    rows = -(-len(stats) // cols)
+    fig = Figure(figsize=(3.6 * cols, 3.0 * rows), layout="constrained")
+    grid = fig.subplots(rows, cols, squeeze=False)
+    axes = list(grid.reshape(-1))
+    for ax in axes[len(stats):]:
+        ax.remove()
     for ax, s, log in zip(axes, stats, logs):
         for r in runs:
             v = r.statistic(s).astype(np.float64)
