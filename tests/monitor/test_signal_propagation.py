@@ -15,6 +15,7 @@ from covshift.monitor.signal_propagation import (
     find_blocks,
     mean_cosine_similarity,
     plot_signal_propagation,
+    singular_values,
 )
 
 
@@ -37,6 +38,12 @@ def test_rank_functions_on_matrices_of_known_rank(k):
     assert numerical_rank(a.reshape(12, 2, 4, 5)) == k
     # an absolute tolerance above the smallest singular value drops it
     assert numerical_rank(a, atol=1.01 * float(s[-1])) == k - 1
+
+
+@pytest.mark.parametrize("shape", [(6, 200), (200, 6), (7, 9)])
+def test_singular_values_through_qr_equal_the_svd(shape):
+    a = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(singular_values(a), torch.linalg.svdvals(a), rtol=1e-12, atol=1e-12)
 
 
 def test_rank_of_full_rank_zero_and_rounding_level_matrices():
