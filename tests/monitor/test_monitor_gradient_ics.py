@@ -308,3 +308,17 @@ def test_shared_parameters_unused_layers_and_before_step():
     # before_step sees the twin's parameters with their gradients; zeroing them freezes the update
     res = gradient_ics(model, F.cross_entropy, x, y, opt, before_step=lambda ps: [p.grad.zero_() for p in ps if p.grad is not None])
     assert res["mid"] == pytest.approx((0.0, 1.0))
+
+
+def test_a_self_stepping_monitor_does_not_see_the_copied_step():
+    # ActivationMonitor(optimizer=) steps itself from the optimizer's step post-hook; the copy that
+    # gradient_ics steps is another optimizer, without that hook.
+    model = _net()
+    opt = _make_opt("adamw", model.parameters())
+    x, y = _batch(0)
+    with ActivationMonitor(model, every=1, optimizer=opt) as mon:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert mon.global_step == 1
+        gradient_ics(model, F.cross_entropy, x, y, opt)
+        assert mon.global_step == 1

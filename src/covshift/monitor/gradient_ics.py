@@ -215,7 +215,9 @@ def gradient_ics(
             closure (SGD with or without momentum, Nesterov and weight decay, Adam, AdamW, RAdam,
             NAdam, Adagrad, Adadelta, Adamax, RMSprop, ASGD, Rprop; not LBFGS, which raises), or
             one built the same way. It is copied (from its ``param_groups`` and ``state_dict``),
-            never stepped.
+            never stepped; hooks registered on it (``register_step_post_hook``, e.g. by
+            ``ActivationMonitor(optimizer=)``) do not run, global ones
+            (``torch.optim.optimizer.register_optimizer_step_post_hook``) see the copy's step.
         layers: which layers to report (names, globs, types, as in :class:`MonitorConfig`);
             default every parameter-owning module.
         order: names of the parameter-owning modules in the order that defines "before"; default
