@@ -1,10 +1,13 @@
 """``covshift``: a thin command line over the library.
 
-    covshift list                          the experiments, one line each
-    covshift run fig1 [--steps 2000 ...]   train, measure, write a run directory with a report
-    covshift report RUN_DIR                rebuild figures and report.html from saved metrics
+    covshift list                          the experiments: paper and question, one line each
+    covshift run EXP [--steps 2000 ...]    run (or resume) the units, write a run directory with a report
+    covshift report RUN_DIR                rebuild figures and report.html from whatever units are there
+    covshift export RUN_DIR                write the run's numbers and figures to docs/results/ and docs/images/
 
-Every error is one line on stderr and exit code 2; an interrupted run exits 130 after saving.
+Every field of the experiment's config is a flag of ``run``; a field that an arm or a sweep owns
+is rejected, naming the arm. Every error is one line on stderr and exit code 2; an interrupted
+run exits 130 after saving.
 """
 
 from __future__ import annotations
@@ -26,16 +29,26 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see `{self.prog} --help`)")
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _config_class(argv: Sequence[str]) -> type:
+    """The config class of the experiment named after ``run`` (its fields are the flags)."""
+    from covshift.experiments.config import ExperimentConfig
+    from covshift.experiments.registry import get_experiment
+
+    if len(argv) >= 2 and argv[0] == "run" and not argv[1].startswith("-"):
+        return type(get_experiment(argv[1]).config)
+    return ExperimentConfig
+
+
+def _build_parser(config_cls: type) -> argparse.ArgumentParser:
     from covshift.experiments.config import config_fields
 
     parser = _Parser(prog="covshift", description="Batch Normalization and internal covariate shift, measured.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     sub.add_parser("list", help="list the experiments")
-    run = sub.add_parser("run", help="run an experiment", argument_default=argparse.SUPPRESS)
+    run = sub.add_parser("run", help="run an experiment (an existing --out is resumed)", argument_default=argparse.SUPPRESS)
     run.add_argument("experiment", help="experiment name (see `covshift list`)")
-    for name, hint, help_text in config_fields():
+    for name, hint, help_text in config_fields(config_cls):
         flag = "--" + name.replace("_", "-")
         if hint is bool:
             run.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
@@ -45,24 +58,33 @@ def _build_parser() -> argparse.ArgumentParser:
             run.add_argument(flag, dest=name, metavar=metavar, help=help_text)
     report = sub.add_parser("report", help="rebuild figures and report.html of a run directory")
     report.add_argument("run_dir", help="a run directory written by `covshift run`")
+    export = sub.add_parser("export", help="write a run's numbers (docs/results/NAME.md, .json) and figures (docs/images/)")
+    export.add_argument("run_dir", help="a run directory written by `covshift run`")
+    export.add_argument("--name", help="file stem (default: the experiment's name)")
+    export.add_argument("--docs", default="docs", help="the docs directory (default: docs)")
+    export.add_argument("--command", dest="run_command", help="the command that produced the run, written into the files")
+    export.add_argument("--wall", type=float, help="wall time of that command in seconds, recorded beside the numbers")
     return parser
 
 
-def _progress_bars(arms: Sequence[str], steps: int, enabled: bool):
-    """A tqdm bar per arm (with ETA, loss and accuracy), fed by the runner's progress callback."""
+def _progress_bars(labels: Sequence[str], steps: int, enabled: bool):
+    """A tqdm bar per unit (with ETA, loss and accuracy), fed by the runner's progress callback."""
     from tqdm.auto import tqdm
 
-    bars = {arm: tqdm(total=steps, desc=f"{arm:>6s}", position=i, unit="step", dynamic_ncols=True, disable=not enabled, leave=True) for i, arm in enumerate(arms)}
-    last_acc: dict[str, Optional[float]] = {arm: None for arm in arms}
+    bars = {lab: tqdm(total=steps, desc=f"{lab:>14s}", position=i, unit="step", dynamic_ncols=True, disable=not enabled, leave=True) for i, lab in enumerate(labels)}
+    last_acc: dict[str, Optional[float]] = {}
 
-    def update(arm: str, step: int, loss: float, acc: Optional[float]) -> None:
-        bar = bars[arm]
+    def update(unit, step: int, total: int, loss: Optional[float], acc: Optional[float]) -> None:
+        bar = bars.get(str(unit))
+        if bar is None:
+            return
         if acc is not None:
-            last_acc[arm] = acc
+            last_acc[str(unit)] = acc
+        bar.total = total
         bar.update(step - bar.n)
-        post = {"loss": f"{loss:.4f}"}
-        if last_acc[arm] is not None:
-            post["test_acc"] = f"{last_acc[arm]:.4f}"
+        post = {"loss": f"{loss:.4f}"} if loss is not None else {}
+        if last_acc.get(str(unit)) is not None:
+            post["test_acc"] = f"{last_acc[str(unit)]:.4f}"
         bar.set_postfix(post, refresh=False)
 
     def close() -> None:
@@ -74,23 +96,23 @@ def _progress_bars(arms: Sequence[str], steps: int, enabled: bool):
 
 def _print_summary(summary: dict[str, Any]) -> None:
     rows = summary.get("table", [])
-    if not rows:
-        return
-    keys = list(rows[0])
-    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
-    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
-    for r in rows:
-        print("  ".join(str(r[k]).ljust(w) for k, w in zip(keys, widths)))
+    if rows:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        widths = [max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys]
+        print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+        for r in rows:
+            print("  ".join(str(r.get(k, "")).ljust(w) for k, w in zip(keys, widths)))
     for line in summary.get("headlines", []):
         print(line)
 
 
 def _cmd_list() -> int:
-    from covshift.experiments.registry import EXPERIMENTS
+    from covshift.experiments.registry import experiments
 
-    width = max(map(len, EXPERIMENTS))
-    for name, exp in EXPERIMENTS.items():
-        print(f"{name:<{width}}  {exp.summary}")
+    exps = experiments()
+    width = max(len(e.name) for e in exps)
+    for e in exps:
+        print(f"{e.name:<{width}}  {e.paper}: {e.question}" if e.paper else f"{e.name:<{width}}  {e.summary}")
     return 0
 
 
@@ -101,16 +123,18 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     exp = get_experiment(args.experiment)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "experiment", "version")}
+    exp.check_overrides(overrides)
     config = apply_overrides(exp.config, overrides)
-    update, close = _progress_bars(list(exp.arms), config.steps, config.progress and sys.stderr.isatty())
+    labels = [str(u) for u in exp.units(config)]
+    update, close = _progress_bars(labels, config.steps, config.progress and sys.stderr.isatty() and config.executor == "local")
     try:
-        result = run_experiment(exp.name, config, progress=update, argv=["covshift", *argv])
+        result = run_experiment(exp.name, config, progress=update, argv=["covshift", *argv], notify=lambda m: print(f"covshift: {m}", file=sys.stderr))
     finally:
         close()
     _print_summary(result.summary)
     print(f"run directory: {result.run_dir}  (report: {result.run_dir / 'report.html'}, {result.seconds:.0f} s)")
     if result.status == "interrupted":
-        print(f"interrupted: what was measured is saved; `covshift report {result.run_dir}` rebuilds the report", file=sys.stderr)
+        print(f"interrupted: what was measured is saved; `covshift run {exp.name} --out {result.run_dir}` resumes, `covshift report {result.run_dir}` rebuilds the report", file=sys.stderr)
         return 130
     return 0
 
@@ -124,15 +148,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from covshift.experiments.export import export_run
+
+    written = export_run(args.run_dir, docs=args.docs, name=args.name, command=args.run_command, wall_seconds=args.wall)
+    for p in written:
+        print(p)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from covshift.experiments.config import ConfigError
     from covshift.experiments.data import DataError
+    from covshift.experiments.executors import UnitFailed
     from covshift.experiments.report import ReportError
     from covshift.experiments.runner import RunDirError
 
     try:
-        args = _build_parser().parse_args(argv)
+        args = _build_parser(_config_class(argv)).parse_args(argv)
         if args.version:
             import covshift
 
@@ -144,10 +178,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_run(args, argv)
         if args.command == "report":
             return _cmd_report(args)
-        raise CLIError("a command is required: list, run or report (see `covshift --help`)")
+        if args.command == "export":
+            return _cmd_export(args)
+        raise CLIError("a command is required: list, run, report or export (see `covshift --help`)")
     except (CLIError, ConfigError, DataError, ReportError, RunDirError) as e:
         print(f"covshift: error: {e}", file=sys.stderr)
         return 2
+    except UnitFailed as e:
+        print(f"covshift: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("covshift: interrupted", file=sys.stderr)
         return 130

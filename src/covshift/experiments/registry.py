@@ -8,14 +8,16 @@ happens the first time the registry is read.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Iterator, Mapping
 
 from covshift.experiments.config import ConfigError
 from covshift.experiments.declaration import Experiment
 
-__all__ = ["EXPERIMENTS", "register", "get_experiment", "experiments"]
+__all__ = ["EXPERIMENTS", "register", "get_experiment", "experiments", "origin", "load_origin"]
 
 _REGISTRY: dict[str, Experiment] = {}
+_ORIGINS: dict[str, str] = {}  # name -> the module that registered it, imported by worker processes
 _BUILTIN_MODULES = ("covshift.experiments.fig1", "covshift.experiments.papers")
 _loaded = False
 
@@ -27,7 +29,21 @@ def register(experiment: Experiment, *, overwrite: bool = False) -> Experiment:
     if experiment.name in _REGISTRY and not overwrite and _REGISTRY[experiment.name] is not experiment:
         raise ValueError(f"an experiment named {experiment.name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[experiment.name] = experiment
+    _ORIGINS[experiment.name] = sys._getframe(1).f_globals.get("__name__", "")
     return experiment
+
+
+def origin(name: str) -> str:
+    """The module that registered ``name`` ("" if unknown): a worker process imports it to find the experiment."""
+    return _ORIGINS.get(name, "")
+
+
+def load_origin(name: str, module: str) -> Experiment:
+    """In a worker: import ``module`` (which registers ``name``) unless it is already known, then look it up."""
+    _load()
+    if name not in _REGISTRY and module and module not in ("__main__", "__mp_main__"):
+        importlib.import_module(module)
+    return get_experiment(name)
 
 
 def _load() -> None:

@@ -169,6 +169,15 @@ class LoadedRun:
                 seen.append(u.unit.point)
         return seen
 
+    def groups(self) -> list[tuple[Arm, tuple, str]]:
+        """``(arm, point, label)`` for every arm and sweep point present: what a figure draws one curve or column for."""
+        out = []
+        for point in self.points():
+            for arm in self.arms:
+                if self.units_of(arm.name, point):
+                    out.append((arm, point, arm.label + (" (" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point) + ")" if point else "")))
+        return out
+
     def seeds(self) -> list[int]:
         return sorted({u.seed for u in self.units})
 

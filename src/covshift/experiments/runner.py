@@ -1,43 +1,53 @@
-"""Run a named experiment: make the run directory, train every arm (in parallel processes when that
-pays), and build the report. ``covshift run`` is a thin shell over :func:`run_experiment`.
+"""Run a registered experiment: resolve its units, skip the complete ones, run the rest on an
+executor, and build the report. ``covshift run`` is a thin shell over :func:`run_experiment`.
+
+The run directory holds ``config.json`` (the experiment's name and version, the config, versions,
+data, status) and one directory per unit (``<arm>/[<point>/]seed<k>/``), each written only by
+its unit. Running again with the same ``--out`` resumes: complete units are skipped, partial ones
+restart (and say so), and units of other seeds already there are kept and merged by the report.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import dataclasses
+import json
+import logging
 import os
 import platform
-import queue
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 import covshift
 from covshift._io import atomic_write_json
-from covshift.experiments.config import ExperimentConfig
-from covshift.experiments.data import load_dataset
+from covshift.experiments.config import EXECUTION_FIELDS, ExperimentConfig
+from covshift.experiments.declaration import Experiment, Unit
+from covshift.experiments.executors import UnitFailed, UnitProgress, run_processes, run_ray, run_serial, unit_state
 from covshift.experiments.registry import get_experiment
-from covshift.experiments.train import ProgressFn, train_arm
 
-__all__ = ["run_experiment", "RunResult", "default_run_dir", "RunDirError"]
+__all__ = ["run_experiment", "RunResult", "default_run_dir", "RunDirError", "UnitFailed", "plan_units"]
+
+log = logging.getLogger("covshift.experiments")
 
 
 class RunDirError(ValueError):
-    """The run directory cannot be created or written."""
+    """The run directory cannot be created, written, or resumed with this config."""
 
 
 @dataclass
 class RunResult:
     run_dir: Path
     status: str  # "complete" or "interrupted"
-    summary: dict  # the report's headline numbers
+    summary: dict  # the report's summary
     seconds: float
+    skipped: list[Unit] = field(default_factory=list)  # complete units found and kept
+    restarted: list[Unit] = field(default_factory=list)  # partial units redone
 
 
 def default_run_dir(experiment: str) -> Path:
@@ -55,54 +65,56 @@ def _prepare_run_dir(path: Path) -> Path:
     return path
 
 
-def _use_parallel(config: ExperimentConfig, arms: int) -> bool:
-    if config.parallel == "yes":
-        return True
-    if config.parallel == "no":
-        return False
-    return arms > 1 and (os.cpu_count() or 1) >= 2
+def _science(config_dict: dict) -> dict:
+    return {k: v for k, v in config_dict.items() if k not in EXECUTION_FIELDS}
 
 
-def _worker(experiment, config, arm, run_dir, progress_queue) -> None:
-    report = (lambda *a: progress_queue.put(a)) if progress_queue is not None else None
+def _check_resumable(run_dir: Path, exp: Experiment, config: ExperimentConfig) -> Optional[dict]:
+    """The existing config.json, if it describes the same experiment and settings; else RunDirError."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return None
     try:
-        train_arm(experiment, config, arm, run_dir, report)
-    except KeyboardInterrupt:
-        pass  # train_arm has recorded the interruption and flushed what it measured
-    finally:
-        if progress_queue is not None:
-            progress_queue.put((arm, None, None, None))  # done
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise RunDirError(f"{path} is damaged (not JSON); choose another --out") from None
+    if old.get("experiment") != exp.name or old.get("version") != exp.version:
+        raise RunDirError(f"{run_dir} holds a run of {old.get('experiment')!r} (version {old.get('version')}), not {exp.name!r} (version {exp.version}); choose another --out")
+    new = _science(json.loads(json.dumps(config.to_dict())))
+    diff = [k for k in sorted(set(new) | set(old.get("config", {}))) if k not in EXECUTION_FIELDS and new.get(k) != old.get("config", {}).get(k)]
+    if diff:
+        k = diff[0]
+        raise RunDirError(
+            f"{run_dir} holds a run with other settings (--{k.replace('_', '-')} {old['config'].get(k)!r}, now {new.get(k)!r}); "
+            "resume it with the same settings or choose another --out"
+        )
+    return old
 
 
-def _run_parallel(experiment: str, config: ExperimentConfig, arms: list[str], run_dir: Path, progress: Optional[ProgressFn]) -> None:
-    ctx = mp.get_context("spawn")  # a clean interpreter per arm: no forked torch thread pools
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(experiment, config, arm, run_dir, q), name=f"covshift-{arm}") for arm in arms]
-    for p in procs:
-        p.start()
-    running = set(arms)
-    try:
-        while running:
-            try:
-                arm, step, loss, acc = q.get(timeout=0.5)
-            except queue.Empty:
-                if not any(p.is_alive() for p in procs):
-                    break
-                continue
-            if step is None:
-                running.discard(arm)
-            elif progress:
-                progress(arm, step, loss, acc)
-    finally:
-        # On Ctrl-C the workers got the same SIGINT: give them time to flush, then make sure they are gone.
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-    # An interrupted worker exits 0; anything else is a crash, whose traceback the worker printed.
-    failed = [f"{arm} (exit code {p.exitcode})" for arm, p in zip(arms, procs) if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"training failed in arm {', '.join(failed)}; see the traceback above")
+def plan_units(exp: Experiment, config: ExperimentConfig, run_dir: Path) -> tuple[list[tuple[Unit, ExperimentConfig]], list[Unit], list[tuple[Unit, dict]]]:
+    """``(to run, complete and skipped, partial with their old status)`` for a run of ``config`` in ``run_dir``."""
+    todo, skipped, partial = [], [], []
+    for unit in exp.units(config):
+        cfg = exp.unit_config(config, unit)
+        state, status = unit_state(run_dir, unit, cfg)
+        if state == "complete":
+            skipped.append(unit)
+            continue
+        if state == "partial":
+            partial.append((unit, status))
+        todo.append((unit, cfg))
+    return todo, skipped, partial
+
+
+def _workers(config: ExperimentConfig, n_units: int) -> int:
+    """Local worker processes: 0 means this process (serial)."""
+    cores = os.cpu_count() or 1
+    if config.parallel == "no" or n_units == 0:
+        return 0
+    want = config.workers or cores
+    if config.parallel == "auto" and (n_units < 2 or cores < 2 or want < 2):
+        return 0
+    return max(1, min(want, n_units))
 
 
 def _versions() -> dict:
@@ -118,57 +130,84 @@ def _versions() -> dict:
 def run_experiment(
     experiment: str,
     config: Optional[ExperimentConfig] = None,
-    progress: Optional[ProgressFn] = None,
+    progress: Optional[UnitProgress] = None,
     argv: Optional[list[str]] = None,
+    notify: Optional[Callable[[str], None]] = None,
 ) -> RunResult:
-    """Train every arm of ``experiment`` and write the run directory, report included.
+    """Run every unit of ``experiment`` that is not complete yet, then (re)build the report.
 
-    The run directory holds ``config.json`` (the full config, seed, versions, device, data source,
-    status), one folder per arm (``metrics.jsonl``, ``status.json``, ``monitor/``) and, from
-    :func:`covshift.experiments.report.build_report`, ``figures/``, ``summary.json`` and
-    ``report.html``. On KeyboardInterrupt every arm flushes what it measured, the report is built
-    from the partial run, and the interrupt propagates.
+    Args:
+        experiment: a registered name.
+        config: the settings (default: the declaration's).
+        progress: ``progress(unit, step, total, loss, acc)`` from the units (local executors).
+        argv: the command line, recorded in config.json.
+        notify: receives one-line notices (data fallback, skipped and restarted units); default: logging.
+
+    On KeyboardInterrupt every running unit records what it measured, the report is built from
+    what is there, and the result's status is ``"interrupted"``. The caller's torch thread count is
+    left as it was.
     """
     from covshift.experiments.report import build_report
 
+    say = notify or log.info
     exp = get_experiment(experiment)
     config = config if config is not None else exp.config
     run_dir = _prepare_run_dir(Path(config.out) if config.out else default_run_dir(experiment))
-    data = load_dataset(config.data)  # fail fast on bad data, before any process starts; also warms the cache
-    arms = list(exp.arms)
-    parallel = _use_parallel(config, len(arms))
+    config = dataclasses.replace(config, out=str(run_dir))
+    old = _check_resumable(run_dir, exp, config)
+    data = None
+    data_desc = None
+    if exp.needs_data:
+        from covshift.experiments.declaration import _cached_dataset
+
+        data = _cached_dataset(config.data)  # fail fast on bad data, before any unit starts
+        data_desc = data.describe()
+        if data.notice:
+            say(data.notice)
+    todo, skipped, partial = plan_units(exp, config, run_dir)
+    if skipped:
+        say(f"resuming {run_dir}: {len(skipped)} complete unit(s) kept ({', '.join(map(str, skipped))})")
+    for unit, status in partial:
+        why = "its settings changed" if status.get("same_config") is False else f"{status.get('status', 'no status')} at step {status.get('step', 0)}"
+        say(f"restarting partial unit {unit} ({why})")
+    workers = _workers(config, len(todo)) if config.executor == "local" else None
     meta = {
-        "experiment": experiment,
+        "experiment": exp.name,
+        "version": exp.version,
         "summary": exp.summary,
+        "paper": exp.paper,
         "config": config.to_dict(),
-        "arms": {arm: exp.arms[arm] for arm in arms},
-        "seed": config.seed,
+        "arms": {a.name: {"role": a.role.value, "label": a.label, "overrides": dict(a.overrides)} for a in exp.arms},
+        "seeds": list(config.seeds),
         "versions": _versions(),
         "device": "cpu",
-        "threads_per_arm": 1,
-        "parallel": parallel,
-        "data": {"source": data.source, "train": len(data.y_train), "test": len(data.y_test), "features": data.num_features, "classes": data.num_classes},
+        "threads_per_unit": 1,
+        "executor": config.executor,
+        "workers": workers,
+        "data": data_desc,
         "command": argv if argv is not None else sys.argv,
-        "started": datetime.now().isoformat(timespec="seconds"),
+        "started": (old or {}).get("started", datetime.now().isoformat(timespec="seconds")),
+        "resumed": datetime.now().isoformat(timespec="seconds") if old else None,
         "status": "running",
     }
     atomic_write_json(run_dir / "config.json", meta)
     t0 = time.perf_counter()
     status = "complete"
     try:
-        if parallel:
-            _run_parallel(experiment, config, arms, run_dir, progress)
+        if config.executor == "ray":
+            run_ray(exp, todo, run_dir, config.ray_address, on_done=lambda u, s: say(f"unit {u}: {s}"))
+        elif workers:
+            run_processes(exp, todo, run_dir, progress, workers)
         else:
-            for arm in arms:
-                train_arm(experiment, config, arm, run_dir, progress, data=data)
+            run_serial(exp, todo, run_dir, progress, data)
     except KeyboardInterrupt:
         status = "interrupted"
-    except Exception:
+    except BaseException:
         meta.update(status="failed", finished=datetime.now().isoformat(timespec="seconds"))
         atomic_write_json(run_dir / "config.json", meta)
         raise
     seconds = time.perf_counter() - t0
-    meta.update(status=status, train_seconds=round(seconds, 2), finished=datetime.now().isoformat(timespec="seconds"))
+    meta.update(status=status, units_seconds=round(seconds, 2), finished=datetime.now().isoformat(timespec="seconds"))
     atomic_write_json(run_dir / "config.json", meta)
     summary = build_report(run_dir)
-    return RunResult(run_dir, status, summary, time.perf_counter() - t0)
+    return RunResult(run_dir, status, summary, time.perf_counter() - t0, skipped, [u for u, _ in partial])

@@ -1,28 +1,29 @@
-"""Train one arm of an experiment: a plain PyTorch loop with the activation monitor attached.
+"""The default unit of work: train one network with the activation monitor attached.
 
-Reads top to bottom: seed, data, model, optimizer, then ``steps`` mini-batches, with test accuracy
-every ``eval_every`` steps (and at step 0) appended to ``<arm>/metrics.jsonl`` as it goes.
+Reads top to bottom: data, model, optimizer, then ``steps`` mini-batches. Test accuracy is
+appended to ``metrics.jsonl`` at step 0, every ``eval_every_early`` steps during the first
+``early_fraction`` of training, every ``eval_every`` steps after, and at the last step. Every
+``ics_every`` steps (at the monitor's checkpoints), before that step's update, the gradient ICS of
+each declared layer's weights is appended to ``gradient_ics.jsonl``.
+
+The unit runs on whatever thread count its caller set (the runner: one per unit, restored
+afterwards); it seeds torch from the unit's seed, so a seed gives the same metrics anywhere.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from covshift._io import append_jsonl, atomic_write_json
+from covshift._io import append_jsonl
 from covshift.experiments.config import ExperimentConfig
-from covshift.experiments.data import Dataset, load_dataset
-from covshift.experiments.registry import get_experiment
-from covshift.monitor import ActivationMonitor, MonitorConfig
+from covshift.experiments.declaration import UnitContext
+from covshift.monitor import ActivationMonitor, MonitorConfig, gradient_ics
 
-__all__ = ["train_arm", "ProgressFn", "HIST_RANGE"]
-
-# (arm, step, train loss, last test accuracy or None)
-ProgressFn = Callable[[str, int, float, Optional[float]], None]
+__all__ = ["train_unit", "eval_steps", "make_optimizer", "HIST_RANGE", "HIST_BINS"]
 
 # Fixed histogram edges for every watched layer of every arm, so heatmaps share one y-axis.
 HIST_RANGE = (-12.0, 12.0)
@@ -33,6 +34,14 @@ def make_optimizer(config: ExperimentConfig, params) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+
+
+def eval_steps(config: ExperimentConfig) -> list[int]:
+    """The steps at which test accuracy is measured: 0, a fine grid early, a coarser one after, the last."""
+    early_end = int(config.early_fraction * config.steps)
+    fine = range(0, early_end + 1, config.eval_every_early)
+    coarse = range(0, config.steps + 1, config.eval_every)
+    return sorted({*fine, *coarse, config.steps})
 
 
 class _Batches:
@@ -61,45 +70,38 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
     return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
 
 
-def train_arm(
-    experiment: str,
-    config: ExperimentConfig,
-    arm: str,
-    run_dir: Path,
-    progress: Optional[ProgressFn] = None,
-    data: Optional[Dataset] = None,
-) -> dict:
-    """Train arm ``arm`` of ``experiment`` under ``run_dir/arm``; returns its final numbers.
+def train_unit(ctx: UnitContext) -> dict:
+    """Train the unit's network under ``ctx.dir``; returns its final numbers.
 
-    One thread per arm: the networks are small enough that threads do not pay, and a fixed thread
-    count makes the metrics identical whether the arms run one after another or in parallel.
-    A KeyboardInterrupt stops the loop cleanly: what was measured is flushed, the status is
-    recorded as ``interrupted``, and the interrupt propagates.
+    A KeyboardInterrupt stops the loop: the monitor flushes what it measured (its context exits)
+    and the interrupt propagates to the runner, which records the unit as interrupted.
     """
-    torch.set_num_threads(1)
-    exp = get_experiment(experiment)
-    cfg = exp.arm_config(config, arm)
-    arm_dir = Path(run_dir) / arm
-    arm_dir.mkdir(parents=True, exist_ok=True)
-    data = data if data is not None else load_dataset(cfg.data)
+    cfg, exp, out = ctx.config, ctx.experiment, ctx.dir
+    if cfg.batch_size > len(ctx.data.y_train):
+        from covshift.experiments.config import ConfigError
+
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(ctx.data.y_train)} examples)")
+    data = ctx.data
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(ctx.seed)
     model = exp.build_model(cfg, data)
     optimizer = make_optimizer(cfg, model.parameters())
-    batches = _Batches(len(y_train), cfg.batch_size, cfg.seed)
-    unit_layer = exp.unit_layer(cfg) if exp.unit_layer else None
+    batches = _Batches(len(y_train), cfg.batch_size, ctx.seed)
+    layers = exp.layers_for(cfg)
+    unit_layers = {l.module: list(cfg.units) for l in layers if l.record_units}
+    ics_layers = [l.weights for l in layers if l.weights]
     monitor = ActivationMonitor(
         model,
         config=MonitorConfig(
             every=cfg.monitor_every,
-            layers=list(exp.watch),
+            layers=list(exp.watch_for(cfg)),
             hist_range=HIST_RANGE,
             hist_bins=HIST_BINS,
-            channels={unit_layer: list(cfg.units)} if unit_layer else None,
+            channels=unit_layers or None,
         ),
-        log_dir=arm_dir / "monitor",
+        log_dir=out / "monitor",
         probe=x_test[: cfg.probe_size] if cfg.probe_size else None,
         tensorboard=cfg.tensorboard,
         if_exists="overwrite",
@@ -108,19 +110,17 @@ def train_arm(
     if cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(str(arm_dir / "tensorboard"))
+        tb = SummaryWriter(str(out / "tensorboard"))
 
-    metrics_path = arm_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
-    status = {"arm": arm, "status": "running", "step": 0}
-    atomic_write_json(arm_dir / "status.json", status)
+    metrics_path, ics_path = out / "metrics.jsonl", out / "gradient_ics.jsonl"
+    evals = set(eval_steps(cfg))
     t0 = time.perf_counter()
-    loss_sum, loss_n, acc, step = 0.0, 0, None, 0
+    loss_sum, loss_n, acc = 0.0, 0, None
+    progress_every = max(cfg.steps // 200, 1)
 
     def checkpoint(step: int, train_loss: Optional[float]) -> float:
         test_acc, test_loss = evaluate(model, x_test, y_test)
-        record = {"step": step, "train_loss": train_loss, "test_acc": test_acc, "test_loss": test_loss, "seconds": time.perf_counter() - t0}
-        append_jsonl(metrics_path, record)
+        append_jsonl(metrics_path, {"step": step, "train_loss": train_loss, "test_acc": test_acc, "test_loss": test_loss, "seconds": time.perf_counter() - t0})
         if tb is not None:
             tb.add_scalar("test/accuracy", test_acc, step)
             tb.add_scalar("test/loss", test_loss, step)
@@ -133,28 +133,28 @@ def train_arm(
             acc = checkpoint(0, None)
             for step in range(1, cfg.steps + 1):
                 idx = batches.next()
-                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+                xb, yb = x_train[idx], y_train[idx]
+                done = step - 1  # updates so far: the monitor's step number of this forward
+                if ics_layers and cfg.ics_every and done % cfg.ics_every == 0:
+                    for layer, g in gradient_ics(model, F.cross_entropy, xb, yb, optimizer, layers=ics_layers).items():
+                        append_jsonl(ics_path, {"step": done, "layer": layer, "l2_diff": g.l2_diff, "cosine": g.cosine})
+                loss = F.cross_entropy(model(xb), yb)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 monitor.step()
+                ctx.step = step
                 loss_sum += loss.detach()
                 loss_n += 1
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+                if step in evals:
                     train_loss = float(loss_sum) / loss_n
                     loss_sum, loss_n = 0.0, 0
                     acc = checkpoint(step, train_loss)
-                    if progress:
-                        progress(arm, step, train_loss, acc)
-                elif progress and step % max(cfg.steps // 200, 1) == 0:
-                    progress(arm, step, float(loss.detach()), None)
-        status.update(status="complete", step=cfg.steps)
-    except KeyboardInterrupt:
-        status.update(status="interrupted", step=step)
-        raise
+                    if ctx.progress:
+                        ctx.progress(step, cfg.steps, train_loss, acc)
+                elif ctx.progress and step % progress_every == 0:
+                    ctx.progress(step, cfg.steps, float(loss.detach()), None)
     finally:
         if tb is not None:
             tb.close()
-        status.update(seconds=time.perf_counter() - t0, final_test_acc=acc)
-        atomic_write_json(arm_dir / "status.json", status)
-    return status
+    return {"final_test_acc": acc, "train_seconds": time.perf_counter() - t0}

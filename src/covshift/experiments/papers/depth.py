@@ -21,6 +21,7 @@ its own batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -44,8 +45,10 @@ RANK_STATS = ("numerical_rank", "stable_rank", "cosine_similarity", "channel_sq_
 
 @dataclass
 class DepthConfig(ExperimentConfig):
-    """The depth sweep's settings; ``hidden`` gives the width (its first entry)."""
+    """The depth sweep's settings: each unit's network has ``depth`` hidden layers of ``width`` units."""
 
+    depth: int = _doc("hidden layers of the network (set by the sweep)", default=4)
+    width: int = _doc("units per hidden layer", default=128)
     depths: tuple[int, ...] = _doc("numbers of hidden layers, the sweep's grid", default=(4, 8, 16, 32, 64, 128))
     min_r2: float = _doc("the least R^2 of a line fit that counts as 'grows linearly with depth'", default=0.9)
 
@@ -60,7 +63,7 @@ def depth_unit(ctx: UnitContext) -> dict:
     """One network at initialization: the gradient ratio and signal propagation of one batch."""
     from covshift.monitor import signal_propagation
 
-    cfg = ctx.config
+    cfg = dataclasses.replace(ctx.config, hidden=(ctx.config.width,) * ctx.config.depth)
     x_train, y_train, _, _ = tensors(ctx.data)
     gen = torch.Generator().manual_seed(10_000 + ctx.seed)  # the batch: its own stream, one per seed
     idx = torch.randperm(len(y_train), generator=gen)[: cfg.batch_size]
@@ -88,7 +91,7 @@ def fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 def _per_seed_series(run, arm: str, key: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     out: dict[int, list] = {}
     for p in run.points():
-        d = dict(p).get("hidden")
+        d = dict(p).get("depth")
         for u in run.units_of(arm, p):
             v = _result(u, key)
             if d is not None and v is not None and math.isfinite(v):
@@ -131,8 +134,8 @@ def claim_linear_growth(run, tolerance: float) -> ClaimResult:
 
 
 def _deepest(run) -> Optional[tuple]:
-    pts = [p for p in run.points() if dict(p).get("hidden") is not None]
-    return max(pts, key=lambda p: dict(p)["hidden"]) if pts else None
+    pts = [p for p in run.points() if dict(p).get("depth") is not None]
+    return max(pts, key=lambda p: dict(p)["depth"]) if pts else None
 
 
 def claim_rank(run, tolerance: float) -> ClaimResult:
@@ -155,7 +158,7 @@ def claim_rank(run, tolerance: float) -> ClaimResult:
 def _figure_gradients(run):
     fig, (ax,) = new_figure(1, 5.5, 4.0)
     for arm in run.arms:
-        sweep_band(ax, run, arm, "hidden", lambda u: _result(u, "log_grad_ratio"))
+        sweep_band(ax, run, arm, "depth", lambda u: _result(u, "log_grad_ratio"))
     ax.set_xlabel("depth (hidden layers)")
     ax.set_ylabel("ln(||grad W_1|| / ||grad W_D||)")
     ax.set_title("gradient explosion at initialization")
@@ -168,7 +171,7 @@ def _figure_rank(run):
     fig, axes = new_figure(2)
     for ax, key, title in zip(axes, ("stable_rank", "numerical_rank"), ("stable rank", "numerical rank")):
         for arm in run.arms:
-            sweep_band(ax, run, arm, "hidden", lambda u, k=key: _result(u, k))
+            sweep_band(ax, run, arm, "depth", lambda u, k=key: _result(u, k))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("depth (hidden layers)")
         ax.set_title(f"{title} of the last hidden layer's output")
@@ -212,13 +215,13 @@ DEPTH = register(
         summary="deep MLPs at initialization (depth 4-128, width 128): gradient explosion and rank collapse, with and without BN and LayerNorm",
         paper="Yang et al. 2019; Daneshmand et al. 2020; Brock et al. 2021",
         question="At initialization, does BN make gradients explode with depth, and does it keep the representation's rank from collapsing?",
-        config=DepthConfig(hidden=(128,), activation="relu", batch_size=128, steps=1, eval_every=1, probe_size=0, ics_every=0),
+        config=DepthConfig(activation="relu", batch_size=128, steps=1, eval_every=1, probe_size=0, ics_every=0),
         arms=(
             Arm("none", Role.BASELINE, "no normalization (He init)", {"norm": "none"}, color="#d1495b"),
             Arm("bn", Role.TREATMENT, "BatchNorm", {"norm": "bn"}, color="#00798c"),
             Arm("layer", Role.VARIANT, "LayerNorm", {"norm": "layer"}, color="#edae49"),
         ),
-        sweep=(Axis("hidden", "depths", label="depth (hidden layers)", log=True, convert=lambda d, cur: (cur[0],) * int(d)),),
+        sweep=(Axis("depth", "depths", label="depth (hidden layers)", log=True),),
         unit_fn=depth_unit,
         metrics=(
             Metric("log_grad_ratio", "ln(first / last hidden layer's gradient norm)", _slope_metric, digits=3),

@@ -1,0 +1,250 @@
+"""Where units run: in this process, in local worker processes (one per core), or as Ray tasks.
+
+Every executor calls :func:`run_unit`, which owns a unit's directory: it clears a partial one,
+writes ``unit.json`` (the unit and its full config) and ``status.json`` (running, then complete,
+interrupted or failed), runs the declaration's unit function on one thread, and restores the
+caller's thread count. A unit is *complete* when its ``status.json`` says so and its
+``unit.json`` holds the same config; the runner skips those.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from covshift._io import atomic_write_json
+from covshift.experiments.config import ConfigError, ExperimentConfig
+from covshift.experiments.declaration import Experiment, Unit, UnitContext
+
+__all__ = ["run_unit", "unit_state", "run_serial", "run_processes", "run_ray", "UnitFailed", "UnitProgress"]
+
+# progress(unit, step, total, loss, acc)
+UnitProgress = Callable[[Unit, int, int, Optional[float], Optional[float]], None]
+
+
+class UnitFailed(RuntimeError):
+    """One or more units raised; the message names them and their errors."""
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the body on one intra-op thread and give the caller back its own count afterwards.
+
+    Small networks gain nothing from threads, one thread per unit keeps units from competing for
+    cores, and a fixed count makes the metrics identical however the units are scheduled.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _json_norm(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def unit_state(run_dir: Path, unit: Unit, config: ExperimentConfig) -> tuple[str, dict]:
+    """``("complete" | "partial" | "absent", status)`` of ``unit`` in ``run_dir`` for ``config``.
+
+    A unit that finished under another config (e.g. other ``--steps``) counts as partial: it is redone.
+    """
+    d = run_dir / unit.path
+    if not d.exists():
+        return "absent", {}
+    try:
+        status = json.loads((d / "status.json").read_text())
+        desc = json.loads((d / "unit.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "partial", {}
+    same = desc.get("config") == _json_norm(config.to_dict())
+    return ("complete" if status.get("status") == "complete" and same else "partial"), {**status, "same_config": same}
+
+
+def run_unit(experiment: Experiment, config: ExperimentConfig, unit: Unit, run_dir: Path, progress: Optional[UnitProgress] = None, data=None) -> dict:
+    """Run one unit into ``run_dir / unit.path`` (cleared first); returns its status dict."""
+    from covshift.experiments.train import train_unit
+
+    d = Path(run_dir) / unit.path
+    if d.exists():
+        shutil.rmtree(d)  # a partial unit restarts from scratch: no stale lines in its files
+    d.mkdir(parents=True)
+    atomic_write_json(d / "unit.json", {"experiment": experiment.name, "version": experiment.version, "unit": unit.to_dict(), "config": config.to_dict()})
+    status: dict[str, Any] = {"unit": str(unit), "status": "running", "step": 0, "pid": os.getpid()}
+    atomic_write_json(d / "status.json", status)
+    report = (lambda step, total, loss, acc: progress(unit, step, total, loss, acc)) if progress else None
+    ctx = UnitContext(experiment, unit, config, d, report, data)
+    fn = experiment.unit_fn or train_unit
+    t0 = time.perf_counter()
+    try:
+        with one_thread():
+            result = fn(ctx)
+        status.update(status="complete", step=ctx.step, result=result)
+    except KeyboardInterrupt:
+        status.update(status="interrupted", step=ctx.step)
+        raise
+    except BaseException as e:
+        status.update(status="failed", step=ctx.step, error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        status["seconds"] = round(time.perf_counter() - t0, 3)
+        atomic_write_json(d / "status.json", status)
+    return status
+
+
+def run_serial(experiment: Experiment, jobs: list[tuple[Unit, ExperimentConfig]], run_dir: Path, progress: Optional[UnitProgress], data=None) -> None:
+    """Every unit in this process, one after another (KeyboardInterrupt propagates after the unit records it)."""
+    failed = []
+    for unit, cfg in jobs:
+        try:
+            run_unit(experiment, cfg, unit, run_dir, progress, data)
+        except (KeyboardInterrupt, ConfigError):
+            raise
+        except Exception as e:
+            failed.append(f"{unit} ({type(e).__name__}: {e})")
+    if failed:
+        raise UnitFailed(f"{len(failed)} unit(s) failed: {'; '.join(failed)}")
+
+
+# --- local worker processes ----------------------------------------------------------------------
+
+
+def _worker(name: str, module: str, tasks, events) -> None:
+    """A worker process: run units from ``tasks`` until the sentinel, reporting on ``events``."""
+    from covshift.experiments.registry import load_origin
+
+    torch.set_num_threads(1)
+    try:
+        exp = load_origin(name, module)
+        while True:
+            item = tasks.get()
+            if item is None:
+                return
+            unit, cfg, run_dir = item
+            try:
+                status = run_unit(exp, cfg, unit, Path(run_dir), lambda u, *a: events.put(("progress", u, a)))
+                events.put(("done", unit, status.get("status")))
+            except KeyboardInterrupt:
+                events.put(("done", unit, "interrupted"))
+                return
+            except BaseException as e:  # recorded in the unit's status.json; the parent reports it
+                events.put(("done", unit, f"failed: {type(e).__name__}: {e}"))
+                traceback.print_exc()
+    except KeyboardInterrupt:
+        return
+    except BaseException as e:
+        events.put(("crash", None, f"{type(e).__name__}: {e}"))
+        raise
+
+
+def run_processes(experiment: Experiment, jobs: list[tuple[Unit, ExperimentConfig]], run_dir: Path, progress: Optional[UnitProgress], workers: int) -> None:
+    """The units on ``workers`` spawned processes, each taking the next unit when it finishes one.
+
+    On Ctrl-C the workers (same process group) record their units as interrupted and stop; the
+    parent waits for them, then re-raises the KeyboardInterrupt.
+    """
+    ctx = mp.get_context("spawn")  # a clean interpreter per worker: no forked torch thread pools
+    tasks, events = ctx.Queue(), ctx.Queue()
+    for unit, cfg in jobs:
+        tasks.put((unit, cfg, str(run_dir)))
+    n = max(1, min(workers, len(jobs)))
+    for _ in range(n):
+        tasks.put(None)
+    from covshift.experiments.registry import origin
+
+    procs = [ctx.Process(target=_worker, args=(experiment.name, origin(experiment.name), tasks, events), name=f"covshift-worker-{i}") for i in range(n)]
+    for p in procs:
+        p.start()
+    pending = {u for u, _ in jobs}
+    failed: list[str] = []
+    interrupted = False
+    try:
+        while pending:
+            try:
+                kind, unit, payload = events.get(timeout=0.5)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs):
+                    break
+                continue
+            if kind == "progress" and progress:
+                progress(unit, *payload)
+            elif kind == "done":
+                pending.discard(unit)
+                if payload == "interrupted":
+                    interrupted = True
+                elif payload != "complete":
+                    failed.append(f"{unit} ({payload})")
+            elif kind == "crash":
+                failed.append(f"a worker ({payload})")
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        for p in procs:
+            p.join(timeout=30)  # on Ctrl-C the workers got the same SIGINT: give them time to flush
+            if p.is_alive():
+                p.terminate()
+    crashed = [f"worker {p.name} (exit code {p.exitcode})" for p in procs if p.exitcode not in (0, None) and not interrupted]
+    if interrupted:
+        raise KeyboardInterrupt
+    if failed or crashed or pending:
+        lost = [f"{u} (never finished)" for u in sorted(pending)] if pending else []
+        raise UnitFailed(f"units failed: {'; '.join(failed + crashed + lost)}; see the traceback above and each unit's status.json")
+
+
+# --- Ray ---------------------------------------------------------------------------------------------
+
+
+def _ray_unit(name: str, module: str, cfg: ExperimentConfig, unit: Unit, run_dir: str) -> dict:
+    from covshift.experiments.registry import load_origin
+
+    torch.set_num_threads(1)
+    return run_unit(load_origin(name, module), cfg, unit, Path(run_dir))
+
+
+def run_ray(experiment: Experiment, jobs: list[tuple[Unit, ExperimentConfig]], run_dir: Path, address: Optional[str], on_done: Optional[Callable[[Unit, str], None]] = None) -> None:
+    """Each unit as a Ray task (one CPU). The run directory must be storage every node can write
+    (or copy the unit directories in afterwards: ``covshift report`` merges whatever units are there).
+
+    Uses the Ray instance already initialized in this process, else connects to ``address`` (or
+    starts a local one) and shuts it down afterwards.
+    """
+    try:
+        import ray
+    except ImportError as e:
+        raise ConfigError(f"--executor ray needs Ray: pip install 'covshift[ray]' ({e})") from None
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        started = True
+    try:
+        from covshift.experiments.registry import origin
+
+        task = ray.remote(num_cpus=1, max_retries=0)(_ray_unit)
+        refs = {task.remote(experiment.name, origin(experiment.name), cfg, unit, str(run_dir)): unit for unit, cfg in jobs}
+        failed = []
+        while refs:
+            done, _ = ray.wait(list(refs), num_returns=1)
+            unit = refs.pop(done[0])
+            try:
+                status = ray.get(done[0]).get("status", "?")
+            except Exception as e:  # the task raised: RayTaskError wraps it
+                status = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                failed.append(f"{unit} ({status})")
+            if on_done:
+                on_done(unit, status)
+        if failed:
+            raise UnitFailed(f"units failed on Ray: {'; '.join(failed)}")
+    finally:
+        if started:
+            ray.shutdown()
