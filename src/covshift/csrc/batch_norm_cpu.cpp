@@ -6,8 +6,10 @@
 //   forward (training), per channel c over its m = N * prod(spatial) values:
 //     mean = sum(x) / m;  var = sum((x - mean)^2) / m;  invstd = 1 / sqrt(var + eps)
 //     y = (x - mean) * (invstd * gamma) + beta
-//   (the running statistics are updated by the caller, covshift.functional.update_running_stats,
-//   from the returned mean and biased variance: the one implementation of that rule)
+//     running_mean = (1 - momentum) * running_mean + momentum * mean          (when given)
+//     running_var  = (1 - momentum) * running_var  + momentum * var * m / (m - 1)
+//   (the same update as covshift.functional.update_running_stats, fused here so that a training step
+//   pays no extra operator calls for it; tests hold the two to each other and to torch)
 //   backward, per channel:
 //     sum_dy = sum(dy);  sum_dy_xmu = sum(dy * (x - mean))
 //     dx = k * dy - k * sum_dy / m - k * invstd^2 * sum_dy_xmu / m * (x - mean),  k = gamma * invstd
@@ -93,13 +95,8 @@ const T* param_ptr(const OptTensor& t, const Geometry& g, at::ScalarType st, con
   return t->const_data_ptr<T>();
 }
 
-template <typename T>
-T* mutable_param_ptr(const OptTensor& t, const Geometry& g, at::ScalarType st, const char* name) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  TORCH_CHECK(t->numel() == g.C && t->scalar_type() == st && t->is_contiguous(), "covshift fast batch norm: ", name,
-              " must be a contiguous (C,) tensor of the input's dtype");
-  return t->mutable_data_ptr<T>();
-}
+// (C,) parameters of any strides: a contiguous copy only when needed (views such as w[::2]).
+OptTensor dense(const OptTensor& t) { return t.has_value() && t->defined() ? OptTensor(t->contiguous()) : t; }
 
 template <typename T>
 double hsum(const Vec<T>& v) {
@@ -147,12 +144,22 @@ inline void map_run(int64_t n, const Body& body, const Tail& tail) {
 int64_t grain_for(int64_t work_per_unit) { return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_unit)); }
 
 // ---------------------------------------------------------------------------------------------
-// Forward, training: statistics and normalization in one sweep per channel.
+// Forward, training: statistics, running update and normalization in one sweep per channel.
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
-void forward_train_outer(const Geometry& g, const T* x, T* y, const T* w, const T* b, T* mean_out, T* invstd_out,
-                         T* var_out, double eps) {
+void update_running(T* rm, T* rv, int64_t c, T mean, double var, int64_t m, double momentum) {
+  // running + momentum * (stat - running): lerp, as update_running_stats does it
+  if (rm) rm[c] = rm[c] + T(momentum) * (mean - rm[c]);
+  if (rv) {
+    const T unbiased = m > 1 ? T(var * (double(m) / double(m - 1))) : T(var);
+    rv[c] = rv[c] + T(momentum) * (unbiased - rv[c]);
+  }
+}
+
+template <typename T>
+void forward_train_outer(const Geometry& g, const T* x, T* y, const T* w, const T* b, T* rm, T* rv, T* mean_out,
+                         T* invstd_out, double momentum, double eps) {
   using V = Vec<T>;
   const int64_t N = g.N, C = g.C, S = g.S, m = g.m();
   at::parallel_for(0, C, grain_for(m), [&](int64_t c_begin, int64_t c_end) {
@@ -199,7 +206,7 @@ void forward_train_outer(const Geometry& g, const T* x, T* y, const T* w, const 
       }
       mean_out[c] = mu;
       invstd_out[c] = invstd;
-      var_out[c] = T(var);
+      update_running(rm, rv, c, mu, var, m, momentum);
     }
   });
 }
@@ -362,8 +369,8 @@ void for_each_row(int64_t R, int64_t C, const Body& row_body) {
 }
 
 template <typename T>
-void forward_train_inner(const Geometry& g, const T* x, T* y, const T* w, const T* b, T* mean_out, T* invstd_out,
-                         T* var_out, double eps) {
+void forward_train_inner(const Geometry& g, const T* x, T* y, const T* w, const T* b, T* rm, T* rv, T* mean_out,
+                         T* invstd_out, double momentum, double eps) {
   const int64_t C = g.C, R = g.m(), m = g.m();
   const RowSplit split = split_rows(R, C, sizeof(T));
   // Per chunk and channel: (count, mean, M2) of the chunk's rows, merged block by block.
@@ -419,7 +426,7 @@ void forward_train_inner(const Geometry& g, const T* x, T* y, const T* w, const 
     shift[c] = b ? b[c] : T(0);
     mean_out[c] = mean_t[c];
     invstd_out[c] = invstd;
-    var_out[c] = T(var);
+    update_running(rm, rv, c, mean_t[c], var, m, momentum);
   }
   const T *mp = mean_t.data(), *sp = scale.data(), *hp = shift.data();
   for_each_row(R, C, [&](int64_t r) { affine_row<T>(x + r * C, y + r * C, C, mp, sp, hp); });
@@ -592,21 +599,28 @@ void check_input(const Tensor& x) {
 
 Tensor stats_like(const Tensor& x, int64_t C) { return at::empty({C}, x.options()); }
 
-// The operator covshift::batch_norm, below autograd (CPU): y and the statistics it used.
-//   training: (y, batch mean, invstd = 1/sqrt(var + eps), biased batch var); mean/var inputs unused.
-//   inference: (y, mean, invstd, var) with the given (running) mean and var.
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& x, const OptTensor& weight,
-                                                          const OptTensor& bias, const OptTensor& mean_in,
-                                                          const OptTensor& var_in, bool training, double eps) {
+// The operator covshift::batch_norm, below autograd (CPU): (y, mean, invstd), like aten::native_batch_norm.
+//   training: the batch's mean and invstd = 1/sqrt(var + eps); the running statistics, when given, are
+//     updated in place (see the rule at the top);
+//   inference: normalizes with the running statistics; returns them as (a copy of) mean and invstd.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& x, const OptTensor& weight_, const OptTensor& bias_,
+                                                  const OptTensor& running_mean, const OptTensor& running_var,
+                                                  bool training, double momentum, double eps) {
   check_input(x);
+  const OptTensor weight = dense(weight_), bias = dense(bias_);
   const Geometry g = geometry_of(x);
   Tensor y = at::empty_like(x);  // same memory format (contiguous or channels_last)
-  Tensor mean = stats_like(x, g.C), invstd = stats_like(x, g.C), var = stats_like(x, g.C);
+  Tensor mean = stats_like(x, g.C), invstd = stats_like(x, g.C);
   if (!training) {
-    TORCH_CHECK(mean_in.has_value() && var_in.has_value() && mean_in->defined() && var_in->defined(),
-                "covshift::batch_norm: inference needs mean and var");
+    TORCH_CHECK(running_mean.has_value() && running_var.has_value() && running_mean->defined() &&
+                    running_var->defined(),
+                "covshift::batch_norm: inference needs running_mean and running_var");
   }
   TORCH_CHECK(!training || g.m() > 0, "covshift::batch_norm: training needs a non-empty batch");
+  for (const OptTensor* t : {&running_mean, &running_var}) {
+    TORCH_CHECK(!t->has_value() || !(*t)->defined() || (*t)->is_contiguous(),
+                "covshift::batch_norm: running statistics must be contiguous (they are updated in place)");
+  }
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const auto st = x.scalar_type();
@@ -614,32 +628,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_cpu(const Tensor& x, const
     const scalar_t* b = param_ptr<scalar_t>(bias, g, st, "bias");
     scalar_t* mp = mean.mutable_data_ptr<scalar_t>();
     scalar_t* ip = invstd.mutable_data_ptr<scalar_t>();
-    scalar_t* vp = var.mutable_data_ptr<scalar_t>();
     if (training) {
+      scalar_t* rm = const_cast<scalar_t*>(param_ptr<scalar_t>(running_mean, g, st, "running_mean"));
+      scalar_t* rv = const_cast<scalar_t*>(param_ptr<scalar_t>(running_var, g, st, "running_var"));
       auto kernel = g.channels_inner ? forward_train_inner<scalar_t> : forward_train_outer<scalar_t>;
-      kernel(g, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), w, b, mp, ip, vp, eps);
+      kernel(g, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), w, b, rm, rv, mp, ip, momentum, eps);
       return;
     }
-    const scalar_t* m_in = param_ptr<scalar_t>(mean_in, g, st, "running_mean");
-    const scalar_t* v_in = param_ptr<scalar_t>(var_in, g, st, "running_var");
+    const scalar_t* m_in = param_ptr<scalar_t>(running_mean, g, st, "running_mean");
+    const scalar_t* v_in = param_ptr<scalar_t>(running_var, g, st, "running_var");
     for (int64_t c = 0; c < g.C; ++c) {
       mp[c] = m_in[c];
-      vp[c] = v_in[c];
       ip[c] = scalar_t(1.0 / std::sqrt(double(v_in[c]) + eps));
     }
     if (x.numel() == 0) return;
     normalize_kernel<scalar_t>(g, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), mp, ip, w, b);
   });
-  return {y, mean, invstd, var};
+  return {y, mean, invstd};
 }
 
 // covshift::batch_norm_backward (CPU): (dx, dgamma, dbeta); a gradient not asked for in output_mask
 // is an empty (0,) tensor. grad_out must have the input's strides and dtype (the autograd kernel makes it so).
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_out, const Tensor& x,
-                                                           const OptTensor& weight, const Tensor& mean,
-                                                           const Tensor& invstd, bool training,
+                                                           const OptTensor& weight_, const Tensor& mean_,
+                                                           const Tensor& invstd_, bool training,
                                                            std::array<bool, 3> output_mask) {
   check_input(x);
+  const OptTensor weight = dense(weight_);
+  const Tensor mean = mean_.contiguous(), invstd = invstd_.contiguous();
   const Geometry g = geometry_of(x);
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.strides() == x.strides() &&
                   grad_out.scalar_type() == x.scalar_type(),
@@ -720,7 +736,8 @@ bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0
 class BatchNormAutograd : public torch::autograd::Function<BatchNormAutograd> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                               const OptTensor& mean_in, const OptTensor& var_in, bool training, double eps) {
+                               const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                               double momentum, double eps) {
     const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
     TORCH_CHECK(!(has_tangent(x) || has_tangent(w) || has_tangent(b)),
                 "covshift::batch_norm has no forward-mode AD formula; covshift.functional.batch_norm runs dual "
@@ -729,22 +746,21 @@ class BatchNormAutograd : public torch::autograd::Function<BatchNormAutograd> {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("covshift::batch_norm", "")
                          .typed<decltype(batch_norm_cpu)>();
-    auto [y, mean, invstd, var] = op.call(x, weight, bias, mean_in, var_in, training, eps);
+    auto [y, mean, invstd] = op.call(x, weight, bias, running_mean, running_var, training, momentum, eps);
     ctx->save_for_backward({x, w, mean, invstd});
-    ctx->saved_data["training"] = training;
+    // One small int of flags (saved_data is a string-keyed map: each entry costs a hash per step).
+    // needs_input_grad counts only the tensors that were passed (an absent optional has no edge).
+    ctx->saved_data["flags"] = int64_t(training) | int64_t(weight.has_value()) << 1 | int64_t(bias.has_value()) << 2;
     ctx->saved_data["eps"] = eps;
-    // needs_input_grad counts only the tensors that were passed (an absent optional has no edge)
-    ctx->saved_data["has_weight"] = weight.has_value();
-    ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->mark_non_differentiable({mean, invstd, var});
-    return {y, mean, invstd, var};
+    ctx->mark_non_differentiable({mean, invstd});
+    return {y, mean, invstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &w = saved[1], &mean = saved[2], &invstd = saved[3];
-    const bool training = ctx->saved_data["training"].toBool();
-    const bool has_w = ctx->saved_data["has_weight"].toBool(), has_b = ctx->saved_data["has_bias"].toBool();
+    const int64_t flags = ctx->saved_data["flags"].toInt();
+    const bool training = flags & 1, has_w = flags & 2, has_b = flags & 4;
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(1),
                                    has_b && ctx->needs_input_grad(has_w ? 2 : 1)};
     Tensor dy = grads[0];
@@ -770,15 +786,20 @@ class BatchNormAutograd : public torch::autograd::Function<BatchNormAutograd> {
       if (!mask[1]) dw = Tensor();
       if (!mask[2]) db = Tensor();
     }
-    return {dx, dw, db, Tensor(), Tensor(), Tensor(), Tensor()};
+    return {dx, dw, db, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_autograd(const Tensor& x, const OptTensor& weight,
-                                                               const OptTensor& bias, const OptTensor& mean_in,
-                                                               const OptTensor& var_in, bool training, double eps) {
-  auto out = BatchNormAutograd::apply(x, weight, bias, mean_in, var_in, training, eps);
-  return {out[0], out[1], out[2], out[3]};
+std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                                                       const OptTensor& running_mean, const OptTensor& running_var,
+                                                       bool training, double momentum, double eps) {
+  auto out = BatchNormAutograd::apply(x, weight, bias, running_mean, running_var, training, momentum, eps);
+  if (training) {  // the buffers were written below autograd: say so to autograd's version counters
+    for (const OptTensor* t : {&running_mean, &running_var}) {
+      if (t->has_value() && (*t)->defined()) torch::autograd::impl::bump_version(**t);
+    }
+  }
+  return {out[0], out[1], out[2]};
 }
 
 }  // namespace
@@ -786,8 +807,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_autograd(const Tensor& x, 
 
 TORCH_LIBRARY(covshift, m) {
   m.def(
-      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? var, bool training, float eps) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "bool training, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
   m.def(
       "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, bool training, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");

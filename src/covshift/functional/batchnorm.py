@@ -254,13 +254,14 @@ def update_running_stats(
     normalization uses the biased one. Every covshift layer and both paths of :func:`batch_norm` update
     through this function (``lerp_``: ``r + m (s - r)``, one fused op per buffer).
     """
-    if running_mean is not None:
-        w = momentum.to(running_mean.dtype) if isinstance(momentum, Tensor) else momentum
-        running_mean.lerp_(mean.to(running_mean.dtype), w)
     if running_var is not None:
-        w = momentum.to(running_var.dtype) if isinstance(momentum, Tensor) else momentum
-        unbiased = var * (count / (count - 1)) if count > 1 else var
-        running_var.lerp_(unbiased.to(running_var.dtype), w)
+        var = var * (count / (count - 1)) if count > 1 else var  # unbiased
+    pairs = [(r, s) for r, s in ((running_mean, mean), (running_var, var)) if r is not None]
+    if not isinstance(momentum, Tensor) and all(r.dtype == s.dtype for r, s in pairs):
+        torch._foreach_lerp_([r for r, _ in pairs], [s for _, s in pairs], momentum)  # one op for both
+        return
+    for r, s in pairs:
+        r.lerp_(s.to(r.dtype), momentum.to(r.dtype) if isinstance(momentum, Tensor) else momentum)
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -448,25 +449,42 @@ def batch_norm(
             "batch_norm with training=False needs running_mean and running_var, got None. "
             "Pass the running statistics, or training=True to use batch statistics."
         )
-    if not training and dispatch.tracing_inference():
+    return run(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def run(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Momentum,
+    eps: float,
+) -> Tensor:
+    """:func:`batch_norm` on arguments already validated (the layers check theirs once, cheaply): the
+    kernel or the reference, then the running update. The hot path of every training step."""
+    if training:
+        if input.numel() > 0 and dispatch.use_kernel(input, running_mean, running_var, weight, bias):
+            if isinstance(momentum, Tensor) and not torch.compiler.is_compiling():
+                momentum = float(momentum)  # a CPU scalar: reading it costs no device sync
+            if not isinstance(momentum, Tensor):  # the kernel updates the running statistics in its sweep
+                return _op.kernel(input, weight, bias, running_mean, running_var, True, momentum, eps)[0]
+            # Compiled with a tensor factor (momentum=None): the update stays in the graph, on the
+            # variance recovered from invstd (to float32 rounding), so there is no graph break.
+            y, mean, invstd = _op.kernel(input, weight, bias, None, None, True, 0.0, eps)
+            var = invstd.pow(-2) - eps
+        elif input.numel() == 0:
+            # N = 0: nothing to normalize, and the running statistics stay as they are.
+            zeros = torch.zeros(input.shape[1], dtype=acc_dtype(input.dtype), device=input.device)
+            return BatchNormFunction.apply(input, weight, bias, zeros, torch.ones_like(zeros), False, eps)[0]
+        else:
+            y, mean, _, var = BatchNormFunction.apply(input, weight, bias, None, None, True, eps)
+        if running_mean is not None or running_var is not None:
+            update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum)
+        return y
+    if dispatch.tracing_inference():
         return _affine_inference(input, running_mean, running_var, weight, bias, eps)
-    if (
-        input.numel() > 0
-        and not dispatch.transformed(input, weight, bias)
-        and dispatch.use_kernel(input, running_mean, running_var, weight, bias)
-    ):
-        if not training:
-            return _op.kernel(input, weight, bias, running_mean, running_var, False, eps)[0]
-        y, mean, _, var = _op.kernel(input, weight, bias, None, None, True, eps)
-    elif training and input.numel() == 0:
-        # N = 0: nothing to normalize, and the running statistics stay as they are.
-        acc = acc_dtype(input.dtype)
-        zeros = torch.zeros(channels, dtype=acc, device=input.device)
-        return BatchNormFunction.apply(input, weight, bias, zeros, torch.ones_like(zeros), False, eps)[0]
-    else:
-        y, mean, _, var = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, eps)
-        if not training:
-            return y
-    if running_mean is not None or running_var is not None:
-        update_running_stats(running_mean, running_var, mean, var, input.numel() // channels, momentum)
-    return y
+    if dispatch.use_kernel(input, running_mean, running_var, weight, bias):
+        return _op.kernel(input, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False, eps)[0]

@@ -2,13 +2,14 @@ r"""``torch.ops.covshift.batch_norm``: the fused CPU kernel as a PyTorch operato
 
 The C++ file ``covshift/csrc/batch_norm_cpu.cpp`` defines two operators with ``TORCH_LIBRARY``:
 
-``covshift::batch_norm(input, weight?, bias?, mean?, var?, training, eps) -> (y, mean, invstd, var)``
-    Training: the batch's mean, ``invstd = 1/sqrt(var + eps)`` and *biased* variance, and
-    ``y = (x - mean) * invstd * weight + bias``; the ``mean``/``var`` arguments are unused.
-    Inference: normalizes with the given (running) ``mean`` and ``var``, returned as they are.
-    Nothing is mutated: the caller updates the running statistics from the returned ones
-    (:func:`covshift.functional.batchnorm.update_running_stats`), so the operator is functional
-    and ``torch.compile``/``torch.export`` need no mutation handling.
+``covshift::batch_norm(input, weight?, bias?, running_mean(a!)?, running_var(b!)?, training, momentum, eps) -> (y, mean, invstd)``
+    The contract of ``aten::native_batch_norm``. Training: the batch's mean and
+    ``invstd = 1/sqrt(var + eps)``, ``y = (x - mean) * invstd * weight + bias``, and, when the running
+    buffers are given, their update in the same sweep (``running += momentum * (stat - running)``, the
+    unbiased variance into ``running_var``: :func:`covshift.functional.batchnorm.update_running_stats`'s
+    rule, which the tests hold it to). Inference: normalizes with the running statistics.
+    The buffers are declared mutated (``Tensor(a!)``), so ``torch.compile`` and ``torch.export``
+    functionalize the update like any in-place op.
 ``covshift::batch_norm_backward(grad_out, input, weight?, mean, invstd, training, output_mask) -> (dx, dgamma, dbeta)``
     The analytic backward; a gradient not asked for is a ``(0,)`` tensor.
 
@@ -46,15 +47,10 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("covshift::batch_norm")
-    def _batch_norm_fake(input, weight, bias, mean, var, training, eps):
+    def _batch_norm_fake(input, weight, bias, running_mean, running_var, training, momentum, eps):
         channels = input.shape[1]
         # y keeps the input's memory format, as the kernel's empty_like does
-        return (
-            torch.empty_like(input),
-            input.new_empty((channels,)),
-            input.new_empty((channels,)),
-            input.new_empty((channels,)),
-        )
+        return torch.empty_like(input), input.new_empty((channels,)), input.new_empty((channels,))
 
     @torch.library.register_fake("covshift::batch_norm_backward")
     def _batch_norm_backward_fake(grad_out, input, weight, mean, invstd, training, output_mask):

@@ -179,10 +179,28 @@ def use_kernel(
 ) -> bool:
     """Whether this call runs the kernel (warning once per reason where it should and cannot).
 
-    The caller has validated the arguments and ruled out :func:`transformed` calls and empty batches.
+    The caller has validated the arguments and ruled out empty batches. The first test is the common
+    case, checked in a few attribute reads: it runs on every training step of every layer.
     """
+    if (
+        _op.kernel is not None
+        and _state.backend == "auto"
+        and input.dtype is torch.float32
+        and input.is_cpu
+        and input.is_contiguous()
+        and (weight is None or (weight.dtype is torch.float32 and weight.is_cpu))
+        and (bias is None or (bias.dtype is torch.float32 and bias.is_cpu))
+        and (running_mean is None or (running_mean.dtype is torch.float32 and running_mean.is_cpu))
+        and (running_var is None or (running_var.dtype is torch.float32 and running_var.is_cpu))
+        and not transformed(input, weight, bias)
+    ):
+        return True
+    return _slow_use_kernel(input, running_mean, running_var, weight, bias)
+
+
+def _slow_use_kernel(input, running_mean, running_var, weight, bias) -> bool:
     backend = _state.backend
-    if backend == "reference":
+    if backend == "reference" or transformed(input, weight, bias):
         return False
     dtype = input.dtype
     if dtype not in _KERNEL_DTYPES[backend] or input.device.type != "cpu" or input.layout != torch.strided:
@@ -201,10 +219,10 @@ def use_kernel(
         )
         return False
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and (t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()):
+        if t is not None and (t.dtype != dtype or t.device.type != "cpu"):
             _warn_once(
                 f"{name} {t.dtype} {t.device.type}",
-                f"the fast path needs {name} contiguous, on the CPU and of the input's dtype {dtype}; "
+                f"the fast path needs {name} on the CPU and of the input's dtype {dtype}; "
                 f"got {t.dtype} on {t.device.type}",
             )
             return False
