@@ -224,6 +224,31 @@ class Shortcut(nn.Module):
         return torch.add(self.body(x), self.shortcut(x))
 
 
+class PreAct(nn.Module):
+    """Pre-activation block (timm/He et al. 2016): the projection shortcut reads norm1(x), not x, and
+    the branch uses a functional ReLU (a chain of modules broken by a function)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1)
+        self.norm2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+        self.downsample = nn.Conv2d(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+    def branch(self, x):
+        return self.conv2(torch.relu(self.norm2(self.conv1(torch.relu(self.norm1(x))))))
+
+    def forward(self, x):
+        shortcut = x
+        x = torch.relu(self.norm1(x))
+        if self.downsample is not None:
+            shortcut = self.downsample(x)
+        x = self.conv1(x)
+        x = self.conv2(torch.relu(self.norm2(x)))
+        return x + shortcut
+
+
 class TokenBlock(nn.Module):
     """A pre-norm transformer-style MLP block on (N, L, C) tokens: two adds, the first is the skip."""
 
@@ -266,6 +291,17 @@ def test_default_blocks_rule():
         res = signal_propagation(net, x)
         b0 = net[0].body(x)
         assert res.residual_var[0] == pytest.approx(float(b0.double().var((0, 2), unbiased=False).mean()), rel=1e-9)
+    # pre-activation blocks, with and without a projection shortcut read after norm1
+    torch.manual_seed(0)
+    pre = nn.Sequential(PreAct(3, 4, 2), PreAct(4, 4, 1))
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
+    pre = pre.double()
+    assert find_blocks(pre, x) == ["0", "1"]
+    res = signal_propagation(pre, x)
+    with torch.no_grad():
+        b0 = copy.deepcopy(pre[0]).branch(x)
+    assert res.residual.all()
+    assert res.residual_var[0] == pytest.approx(float(b0.var((0, 2, 3), unbiased=False).mean()), rel=1e-12)
     # only the outermost residual module
     assert find_blocks(nn.Sequential(Outer(), Outer()), torch.randn(2, 4)) == ["0", "1"]
     # no residual module: the children of the longest nn.Sequential

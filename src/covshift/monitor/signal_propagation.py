@@ -26,12 +26,16 @@ Everything is computed in float64 (float32 on MPS) on the activation's device.
 **Blocks.** ``blocks=`` names them (names, globs or types, as ``MonitorConfig.layers``). By default
 they are the *residual blocks* of the model, found by running one forward: a module (not the model
 itself) is residual when its own ``forward`` adds (``+``, ``+=``, ``torch.add``, ``Tensor.add(_)``)
-two tensors of the same shape, one of which is the skip: the module's input tensor itself, or the
-output of one of its direct children called on that input (a projection shortcut such as
-torchvision's ``downsample``; if both operands are such outputs, the skip is the one from the child
-with fewer parameters). The other operand is the residual branch; the first such addition counts.
-Only the outermost residual modules are kept. A model with no residual module falls back to the
-children of its longest ``nn.Sequential``. Depth is the order in which the blocks are first called.
+two different tensors of the same shape, one of which is a *skip*: the module's input tensor itself,
+or a tensor its forward computed from that input through its direct children and torch functions
+(a projection shortcut such as torchvision's ``downsample(x)``, or a pre-activation block's
+``downsample(relu(norm1(x)))``). The chain's length counts the child calls (functions count 0); the
+skip is the input itself if it is an operand, else the operand with the shorter chain, and the
+other operand, longer or computed otherwise, is the residual branch (equal chains: the skip is the
+output of the child with fewer parameters). The first such
+addition in the module's forward counts. Only the outermost residual modules are kept. A model with
+no residual module falls back to the children of its longest ``nn.Sequential``. Depth is the order
+in which the blocks are first called.
 
 **Channel axis.** ``channel_axis="auto"``: axis 1 for ``(N, C)`` and ``(N, C, *)`` outputs of 2 or at
 least 4 dims (a ``channels_last`` tensor keeps its logical ``(N, C, H, W)`` shape, so axis 1 there
@@ -272,7 +276,10 @@ class _Frame:
     name: str
     module: nn.Module
     input: Optional[Tensor]
-    fed: list = dataclasses.field(default_factory=list)  # (child, output) of direct children called on `input`
+    # tensors made by chains of direct children from `input`: id -> (calls from input, last child);
+    # `keep` holds them so that their ids stay unique while the module runs
+    depth: dict = dataclasses.field(default_factory=dict)
+    keep: list = dataclasses.field(default_factory=list)
     skip_found: bool = False
 
 
@@ -299,27 +306,45 @@ class _SkipFinder(TorchFunctionMode):
                     frame.skip_found = True
                     alpha = kwargs.get("alpha", 1)
                     self.on_skip(frame, branch if alpha == 1 else branch * alpha)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if self.stack and self.stack[-1].input is not None and isinstance(out, Tensor):
+            # a function of tracked tensors, run by this module's own forward: as far from the input
+            # as its nearest tracked argument (functions are not counted, only child calls)
+            frame = self.stack[-1]
+            ds = [d for d in (_depth(frame, t) for t in args if isinstance(t, Tensor)) if d is not None]
+            if ds and out is not frame.input and id(out) not in frame.depth:
+                frame.depth[id(out)] = min(ds, key=lambda d: d[0])
+                frame.keep.append(out)
+        return out
 
 
 def _branch_operand(frame: _Frame, a: Tensor, b: Tensor) -> Optional[Tensor]:
-    x = frame.input
-    if x is None or frame.module is None:
+    """The residual branch of ``a + b`` run by ``frame``'s module, or None if it is no skip addition.
+
+    The skip is the operand reached from the module's input through the fewest direct-child calls
+    (0: the input itself); the branch is the other one, which must be deeper or not reached that
+    way (a functional op broke the chain). Equal depths: the skip is the output of the child with
+    fewer parameters (a projection is smaller than the branch it bypasses).
+    """
+    if frame.input is None or frame.module is None or a is b:
         return None
-    if a is x and b is not x:
+    if a is frame.input or b is frame.input:  # the identity skip, whatever the branch's chain
+        return b if a is frame.input else a
+    da, db = _depth(frame, a), _depth(frame, b)
+    if da is None and db is None:
+        return None
+    if db is None or (da is not None and da[0] < db[0]):
         return b
-    if b is x and a is not x:
+    if da is None or db[0] < da[0]:
         return a
-    owner = {id(out): child for child, out in frame.fed}
-    ca, cb = owner.get(id(a)), owner.get(id(b))
-    if ca is not None and cb is None:
-        return b
-    if cb is not None and ca is None:
-        return a
-    if ca is not None and cb is not None and ca is not cb:
-        size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        return b if size(ca) <= size(cb) else a
-    return None
+    if da[1] is None or db[1] is None or da[1] is db[1]:
+        return None
+    size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return b if size(da[1]) <= size(db[1]) else a
+
+
+def _depth(frame: _Frame, t: Tensor) -> Optional[tuple[int, Optional[nn.Module]]]:
+    return (0, None) if t is frame.input else frame.depth.get(id(t))
 
 
 @contextlib.contextmanager
@@ -331,12 +356,7 @@ def _tracking(model: nn.Module, on_skip, on_output, on_call=None) -> Iterator[_S
     root = model
 
     def pre(name: str, module: nn.Module, args: tuple) -> None:
-        x = _first_float_tensor(args)
-        if finder.stack:
-            parent = finder.stack[-1]
-            if parent.input is not None and x is parent.input:
-                parent.fed.append((module, None))  # output filled in by post
-        finder.stack.append(_Frame(name, None if module is root else module, x))
+        finder.stack.append(_Frame(name, None if module is root else module, _first_float_tensor(args)))
         if on_call is not None:
             on_call(name)
 
@@ -345,10 +365,12 @@ def _tracking(model: nn.Module, on_skip, on_output, on_call=None) -> Iterator[_S
             return  # an error unwound the stack; the forward is failing anyway
         frame = finder.stack.pop()
         out = _first_float_tensor(output)
-        if finder.stack:
-            parent = finder.stack[-1]
-            if parent.fed and parent.fed[-1][0] is module and parent.fed[-1][1] is None:
-                parent.fed[-1] = (module, out)
+        if finder.stack and out is not None and frame.input is not None:
+            parent = finder.stack[-1]  # the caller: record how far `out` is from its input
+            d = _depth(parent, frame.input) if parent.input is not None else None
+            if d is not None and id(out) not in parent.depth and out is not parent.input:
+                parent.depth[id(out)] = (d[0] + 1, module)
+                parent.keep.append(out)
         on_output(frame, out)
 
     try:
