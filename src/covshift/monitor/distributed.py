@@ -117,18 +117,18 @@ def merge_samples(sample: Tensor, sample_count: Tensor) -> tuple[Tensor, Tensor]
         sample_count: ``(W, L)`` int64.
 
     Returns:
-        ``(merged (L, K'), counts (L,))`` with ``K' = max_l sum_r sample_count[r, l]``: each row's
+        ``(merged (L, K'), counts (L,))`` with ``K' = max(1, max_l sum_r sample_count[r, l])``: each row's
         values (rank 0's, then rank 1's, ...) first, then NaN padding.
     """
     w, L, k = sample.shape
     counts = sample_count.sum(0)  # (L,)
-    width = int(counts.max()) if L else 0
+    width = max(int(counts.max()) if L else 0, 1)  # at least one (NaN) column, as a flush makes
     valid = torch.arange(k, device=sample.device)[None, None, :] < sample_count[:, :, None]  # (W, L, K)
     rows = valid.permute(1, 0, 2).reshape(L, w * k)  # (L, W*K), rank-major within a row
     vals = sample.permute(1, 0, 2).reshape(L, w * k)
     # position of each valid value in its merged row: the number of valid values before it
     pos = rows.long().cumsum(1) - 1
-    merged = torch.full((L, max(width, 0)), float("nan"), dtype=sample.dtype, device=sample.device)
+    merged = torch.full((L, width), float("nan"), dtype=sample.dtype, device=sample.device)
     r_idx = torch.arange(L, device=sample.device)[:, None].expand(L, w * k)
     merged[r_idx[rows], pos[rows]] = vals[rows]
     return merged, counts
