@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.covshift-installed
 FAST   := $(VENV)/.covshift-fast-built
 
-.PHONY: setup demo test bench readme
+.PHONY: setup demo test bench readme results
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bn_speed.py
+
+# Figure 1 on full MNIST: the default job (one seed) and five seeds, both timed, exported to
+# docs/results/fig1*.md|json and docs/images/ (scripts/fig1_results.py); then `make readme`.
+results: setup
+	$(PY) scripts/fig1_results.py
+	$(MAKE) readme
 
 # Copy every docs/results/ file into its block of README.md (tests/test_readme_results.py checks them).
 readme:

@@ -64,6 +64,7 @@ def _build_parser(config_cls: type) -> argparse.ArgumentParser:
     export.add_argument("--docs", default="docs", help="the docs directory (default: docs)")
     export.add_argument("--command", dest="run_command", help="the command that produced the run, written into the files")
     export.add_argument("--wall", type=float, help="wall time of that command in seconds, recorded beside the numbers")
+    export.add_argument("--image-prefix", help="prefix of the figures copied to docs/images/ (default: NAME_)")
     return parser
 
 
@@ -151,7 +152,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from covshift.experiments.export import export_run
 
-    written = export_run(args.run_dir, docs=args.docs, name=args.name, command=args.run_command, wall_seconds=args.wall)
+    written = export_run(args.run_dir, docs=args.docs, name=args.name, command=args.run_command, wall_seconds=args.wall, image_prefix=args.image_prefix)
     for p in written:
         print(p)
     return 0

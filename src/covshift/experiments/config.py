@@ -62,7 +62,7 @@ class ExperimentConfig:
     eval_every_early: int = _doc("steps between test-accuracy checkpoints during the first --early-fraction of training", default=100)
     early_fraction: float = _doc("the part of training evaluated every --eval-every-early steps", default=0.1)
     monitor_every: int = _doc("steps between activation-statistics records", default=100)
-    ics_every: int = _doc("steps between gradient-ICS measurements (0: none); a multiple of --monitor-every", default=500)
+    ics_every: int = _doc("steps between gradient-ICS measurements (0: none); a multiple of --monitor-every", default=100)
     units: tuple[int, ...] = _doc("units of the last hidden layer whose input distribution is recorded one by one", default=(0, 1, 2, 3, 4, 5, 6, 7))
     probe_size: int = _doc("the first N test examples form a fixed probe batch measured at every record (0: none)", default=1000)
     tensorboard: bool = _doc("also write TensorBoard event files", default=False)

@@ -99,14 +99,8 @@ def layer_drift_last(u, metric: str = "w1") -> Optional[float]:
     records of a BN network therefore show the un-normalized input, and a first-to-last drift
     would measure the running averages warming up, not the network changing.
     """
-    from covshift.monitor import layer_drift
-
-    layer = u.run.layers[-1].module
-    key = u.monitor_key(layer)
-    if key is None:
-        return None
-    d = layer_drift(u.monitor, key, reference="first")
-    return float(d[metric][-1]) if len(d["steps"]) else None
+    d = u.drift(u.run.layers[-1].module)
+    return float(d[metric][-1]) if d is not None and len(d["steps"]) else None
 
 
 def ics_mean(layer_index: int, stat: str):

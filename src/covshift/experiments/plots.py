@@ -203,12 +203,9 @@ def _grid_by_arm(run, rows: dict[str, str], series: Callable, title: str, refere
 
 
 def _drift_series(u, layer, metric):
-    from covshift.monitor import layer_drift
-
-    key = u.monitor_key(layer.module) if u.monitor is not None else None
-    if key is None:
+    d = u.drift(layer.module)
+    if d is None:
         return np.array([], dtype=np.int64), np.array([])
-    d = layer_drift(u.monitor, key, reference="first")
     return d["steps"], d[metric]
 
 

@@ -101,6 +101,17 @@ class LoadedUnit:
                 return key
         return None
 
+    def drift(self, module: str, probe: bool = False) -> Optional[dict]:
+        """``covshift.monitor.layer_drift`` of ``module``'s records against the first (cached: the
+        report asks for it once per figure panel and claim)."""
+        cache = self.__dict__.setdefault("_drift_cache", {})
+        if (module, probe) not in cache:
+            from covshift.monitor import layer_drift
+
+            key = self.monitor_key(module, probe=probe)
+            cache[(module, probe)] = None if key is None else layer_drift(self.monitor, key, reference="first")
+        return cache[(module, probe)]
+
     def __repr__(self) -> str:
         return f"LoadedUnit({self.unit}, {self.status.get('status', 'no status')})"
 
