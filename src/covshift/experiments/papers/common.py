@@ -112,8 +112,9 @@ def train_classifier(
     ``eval_every`` steps and at the end.
 
     ``before_step(step, x, y)`` is called before the update of every ``measure_every``-th step
-    (steps ``0, N, 2N, ...``) with that step's batch. A non-finite training loss stops training:
-    the result says ``diverged`` and the test numbers are those of the diverged network.
+    (steps ``0, N, 2N, ...``) with that step's batch. A non-finite training loss stops training;
+    it, or a test loss at the end that is not finite (e.g. BatchNorm running statistics that
+    overflowed) or above 100 times a uniform guess's ``ln C``, marks the run ``diverged``, and the test numbers are those of the diverged network.
     """
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     idx = batch_indices(len(y_train), batch_size, steps, seed)
@@ -155,8 +156,9 @@ def train_classifier(
     if loss_n:
         last_train = loss_sum / loss_n
     acc, tl = checkpoint(taken)
-    if diverged or not math.isfinite(tl):
-        diverged = diverged or not all(torch.isfinite(p).all() for p in model.parameters())
+    # A network whose test loss is not finite, or 100 times that of a uniform guess, diverged too.
+    blowup = 100 * math.log(max(int(y_test.max()) + 1, 2))
+    diverged = diverged or not math.isfinite(tl) or tl > blowup
     return TrainResult(taken, diverged, acc, tl, math.nan if diverged else last_train, time.perf_counter() - t0)
 
 

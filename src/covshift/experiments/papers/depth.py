@@ -146,7 +146,7 @@ def claim_rank(run, tolerance: float) -> ClaimResult:
     if not (t and b and p):
         return not_evaluated("the run lacks the BN or the plain network, or a depth")
     d = run.paired(lambda u: _result(u, "stable_rank"), t.name, b.name, point=p)
-    v = verdict_greater(d, tolerance, f"stable rank of the last hidden representation at depth {dict(p)['hidden']}, {t.label} minus {b.label}", 2)
+    v = verdict_greater(d, tolerance, f"stable rank of the last hidden representation at depth {dict(p)['depth']}, {t.label} minus {b.label}", 2)
     nr_t = run.estimate(lambda u: _result(u, "numerical_rank"), t.name, p)
     nr_b = run.estimate(lambda u: _result(u, "numerical_rank"), b.name, p)
     return ClaimResult(v.verdict, f"{v.summary}. Numerical rank there: {t.label} {nr_t.format(1)}, {b.label} {nr_b.format(1)}.", v.numbers)
@@ -199,7 +199,7 @@ def _figure_signal(run):
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"signal propagation at initialization, depth {dict(p)['hidden']} (first seed)")
+    fig.suptitle(f"signal propagation at initialization, depth {dict(p)['depth']} (first seed)")
     fig.tight_layout()
     return fig
 

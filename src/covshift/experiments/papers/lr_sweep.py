@@ -6,7 +6,7 @@ Szegedy's BN-x5 and BN-x30 trained Inception at 5 and 30 times the baseline's ra
 784-100-100-100-10 ReLU MLP (He-initialized), with and without BN before every ReLU, is trained
 with plain SGD for a fixed budget of steps at every rate of a logarithmic grid (half decades,
 ``1e-3`` to ``1e2``), and the final test accuracy is recorded, with the divergences (a non-finite
-training loss, which stops the run).
+training loss, which stops the run, or a final test loss that is not finite or above 100 ln 10).
 
 "Trains at a rate" is defined before the run: at every seed, the run did not diverge and its final
 test accuracy is at least ``trains_threshold`` (0.5, five times chance on ten classes). The largest
