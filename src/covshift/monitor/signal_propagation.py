@@ -53,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import zlib
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
 
