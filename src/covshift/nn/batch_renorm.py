@@ -180,9 +180,14 @@ class _BatchRenormMixin:
         with torch.no_grad():  # r and d are constants for the backward (stop-gradient)
             mean, var = batch_stats(input.detach())
             invstd = torch.rsqrt(var + self.eps)
-            running_invstd = torch.rsqrt(self.running_var.to(acc) + self.eps)
+            # A copy of the running statistics before this batch updates them, made by a reduction (a sum
+            # over a length-1 axis): torch.compile's partitioners recompute pointwise ops and copies in the
+            # backward from the graph's inputs, which by then hold the *updated* buffers (a silently wrong
+            # dgamma); a reduction's output is saved instead. (2, C): running mean, running variance.
+            running = torch.stack([self.running_mean.to(acc), self.running_var.to(acc)]).unsqueeze(0).sum(0)
+            running_invstd = torch.rsqrt(running[1] + self.eps)
             r = torch.clamp(running_invstd / invstd, 1.0 / r_lim, r_lim)  # sigma_B / sigma, (C,)
-            d = torch.clamp((mean - self.running_mean.to(acc)) * running_invstd, -d_lim, d_lim)  # (C,)
+            d = torch.clamp((mean - running[0]) * running_invstd, -d_lim, d_lim)  # (C,)
         # Before normalizing, as torch's kernel does: a checkpointed forward that stops recomputing once
         # the normalization has saved its tensors then updates twice per step, exactly as torch's layer.
         if self.track_running_stats and not self._nonfinite_batch(input):
