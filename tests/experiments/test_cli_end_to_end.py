@@ -156,6 +156,9 @@ def test_seeds_give_intervals_and_report_merges_units_from_elsewhere(tmp_path, c
 @pytest.mark.slow
 def test_ray_executor_on_a_local_two_cpu_instance(tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is the optional extra covshift[ray]")
+    from importlib.metadata import version
+
+    assert version("torch") == torch.__version__ == "2.13.0+cpu", "installing Ray must leave the pinned torch alone"
     serial = tmp_path / "serial"
     assert main(["run", "fig1", *TINY, "--parallel", "no", "--out", str(serial)]) == 0
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)

@@ -195,3 +195,26 @@ def test_list_shows_paper_and_question(capsys):
     assert main(["list"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("fig1 "))
     assert "Ioffe & Szegedy 2015, Figure 1" in line and "?" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm, layer", [("renorm", "BatchRenorm1d"), ("group", "GroupNorm")])
+def test_every_norm_trains_from_the_cli(norm, layer, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "mlp", "--norm", norm, "--data", "mnist5k", "--steps", "20", "--eval-every", "10", "--monitor-every", "10",
+                 "--ics-every", "10", "--probe-size", "20", "--no-progress", "--parallel", "no", "--out", str(out)]) == 0
+    unit = json.loads((out / "net" / "seed0" / "unit.json").read_text())
+    assert unit["config"]["norm"] == norm
+    from covshift.experiments.models import build_mlp
+    from covshift.experiments.data import load_dataset
+
+    model = build_mlp(TOY.config.__class__.__base__(norm=norm), load_dataset("mnist5k"))
+    assert type(model.hidden1.norm).__name__ == layer
+
+
+def test_a_norm_the_network_cannot_take_is_a_one_line_error(tmp_path, capsys):
+    assert main(["run", "mlp", "--norm", "instance", "--data", "mnist5k", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "arm 'net' cannot build its network: norm 'instance'" in err, err
+    assert main(["run", "mlp", "--norm", "nope", "--out", str(tmp_path / "r")]) == 2
+    assert "--norm must be one of none, bn" in capsys.readouterr().err

@@ -256,14 +256,30 @@ def findings(run) -> list[str]:
     cos_b = run.estimate(ics_mean(n - 1, "cosine"), b.name)
     l2_t = run.estimate(ics_mean(n - 1, "l2_diff"), t.name)
     l2_b = run.estimate(ics_mean(n - 1, "l2_diff"), b.name)
+    k = typical_unit(run)
+    layer = last_layer(run)
+    bands = []
+    for arm in (b, t):
+        us = run.units_of(arm.name)
+        key = (us[0].monitor_key(layer.module, k, probe=True) or us[0].monitor_key(layer.module, k)) if us and k is not None else None
+        if key is None:
+            continue
+        _, p15 = us[0].monitor.series(key, "p15")
+        _, p85 = us[0].monitor.series(key, "p85")
+        if len(p15):
+            bands.append(f"{arm.label} from [{p15[0]:.2f}, {p85[0]:.2f}] at the first record to [{p15[-1]:.2f}, {p85[-1]:.2f}] at the last")
+    if bands:
+        out.append(f"Panels (b, c), unit {k} of the last hidden layer (seed {run.seeds()[0]}): the 15-85th percentile band of its input goes " + "; ".join(bands) + ".")
     if cos_t.n and cos_b.n:
-        agree = "less" if cos_t.mean < cos_b.mean else "more"
+        more = cos_t.mean < cos_b.mean
         out.append(
-            f"Gradient ICS (Santurkar et al. 2018) of the last hidden layer's weights, averaged over training: cosine between "
-            f"the gradient before and after the earlier layers' update {cos_t.format(3)} {t.label} vs {cos_b.format(3)} {b.label}; "
-            f"l2 difference {l2_t.format(4)} vs {l2_b.format(4)}. By this measure the {t.label} network's gradients are {agree} "
-            f"stable under the earlier layers' updates, whatever its activation distributions do: the two notions of ICS are "
-            f"different quantities, and a stable distribution does not imply a small gradient ICS."
+            f"Gradient ICS (Santurkar et al. 2018) of the last hidden layer's weights, averaged over training: the cosine between the "
+            f"gradient before and after the earlier layers' update is {cos_t.format(3)} {t.label} and {cos_b.format(3)} {b.label}, the "
+            f"l2 difference {l2_t.format(4)} and {l2_b.format(4)}. By this measure the shift is {'larger' if more else 'not larger'} "
+            f"{t.label} than {b.label}: "
+            + ("the network whose layer inputs are normalized still sees its gradients move under the earlier layers' updates, so "
+               "the paper's notion of ICS (distributions) and Santurkar's (gradients) disagree here." if more else
+               "here the two notions of ICS agree in direction.")
         )
     return out
 

@@ -1,6 +1,7 @@
 """The registry of experiments: ``register(Experiment(...))`` makes ``covshift run NAME`` work.
 
-The built-in ``fig1`` lives in :mod:`covshift.experiments.fig1`; the literature experiments in
+The built-in ``fig1`` lives in :mod:`covshift.experiments.fig1` (and ``mlp``, one network with any
+``--norm``, in :mod:`covshift.experiments.mlp`); the literature experiments in
 :mod:`covshift.experiments.papers` register themselves when that package is imported, which
 happens the first time the registry is read.
 """
@@ -18,7 +19,7 @@ __all__ = ["EXPERIMENTS", "register", "get_experiment", "experiments", "origin",
 
 _REGISTRY: dict[str, Experiment] = {}
 _ORIGINS: dict[str, str] = {}  # name -> the module that registered it, imported by worker processes
-_BUILTIN_MODULES = ("covshift.experiments.fig1", "covshift.experiments.papers")
+_BUILTIN_MODULES = ("covshift.experiments.fig1", "covshift.experiments.mlp", "covshift.experiments.papers")
 _loaded = False
 
 

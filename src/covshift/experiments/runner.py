@@ -106,6 +106,22 @@ def plan_units(exp: Experiment, config: ExperimentConfig, run_dir: Path) -> tupl
     return todo, skipped, partial
 
 
+def _check_models(exp: Experiment, todo: list[tuple[Unit, ExperimentConfig]], data) -> None:
+    """Build each arm's network once before any unit starts, so a setting the model cannot take
+    (``--norm instance`` on an MLP, a bad width) is a one-line error here and not a failed unit."""
+    from covshift.experiments.config import ConfigError
+
+    seen = set()
+    for unit, cfg in todo:
+        if unit.arm in seen:
+            continue
+        seen.add(unit.arm)
+        try:
+            exp.build_model(cfg, data)
+        except ValueError as e:
+            raise ConfigError(f"arm {unit.arm!r} cannot build its network: {e}") from None
+
+
 def _workers(config: ExperimentConfig, n_units: int) -> int:
     """Local worker processes: 0 means this process (serial)."""
     cores = os.cpu_count() or 1
@@ -165,6 +181,8 @@ def run_experiment(
         if data.notice:
             say(data.notice)
     todo, skipped, partial = plan_units(exp, config, run_dir)
+    if exp.unit_fn is None and data is not None:
+        _check_models(exp, todo, data)
     if skipped:
         say(f"resuming {run_dir}: {len(skipped)} complete unit(s) kept ({', '.join(map(str, skipped))})")
     for unit, status in partial:
