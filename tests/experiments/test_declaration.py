@@ -183,6 +183,8 @@ def test_toy_gets_a_full_report_from_its_declaration(toy, toy_data, tmp_path, ca
         (["--seeds", "a"], "--seeds expects comma-separated integers"),
         (["--ray-address", "x:1"], "--ray-address applies to --executor ray only"),
         (["--ics-every", "150"], "must be a multiple of --monitor-every"),
+        (["--workers", "3", "--parallel", "no"], "--workers 3 would do nothing: --parallel no runs the units in this process"),
+        (["--workers", "2", "--executor", "ray"], "--workers 2 would do nothing: Ray schedules its own workers"),
     ],
 )
 def test_fig1_flags_that_do_nothing_or_are_owned_are_errors(argv, match, capsys):

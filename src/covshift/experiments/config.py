@@ -101,6 +101,9 @@ class ExperimentConfig:
             raise ConfigError(f"--units {bad} out of range: the last hidden layer has {self.hidden[-1]} units")
         if self.ray_address and self.executor != "ray":
             raise ConfigError("--ray-address applies to --executor ray only; add --executor ray or drop it")
+        if self.workers and (self.executor != "local" or self.parallel == "no"):
+            where = "--parallel no runs the units in this process" if self.parallel == "no" else "Ray schedules its own workers"
+            raise ConfigError(f"--workers {self.workers} would do nothing: {where}; drop it")
         from covshift.nn.norms import norm_names
 
         if self.norm.strip().lower().replace("_", "-") not in norm_names():
