@@ -14,21 +14,25 @@ import covshift.nn as cnn
 
 P = inspect.Parameter
 
-# covshift layer -> its torch counterpart (the variants replace plain BatchNorm of their rank)
+# Every BatchNorm layer covshift.nn exports (found, so that a new variant is checked too) -> its torch
+# counterpart: torch.nn.SyncBatchNorm, or plain torch BatchNorm of the same rank.
+_EXPORTED = [getattr(cnn, name) for name in cnn.__all__]
+_LAYERS = sorted(
+    (c for c in _EXPORTED if isinstance(c, type) and issubclass(c, torch.nn.modules.batchnorm._BatchNorm)),
+    key=lambda c: c.__name__,
+)
 COUNTERPARTS = {
-    cnn.BatchNorm1d: torch.nn.BatchNorm1d,
-    cnn.BatchNorm2d: torch.nn.BatchNorm2d,
-    cnn.BatchNorm3d: torch.nn.BatchNorm3d,
-    cnn.SyncBatchNorm: torch.nn.SyncBatchNorm,
-    cnn.BatchRenorm1d: torch.nn.BatchNorm1d,
-    cnn.BatchRenorm2d: torch.nn.BatchNorm2d,
-    cnn.BatchRenorm3d: torch.nn.BatchNorm3d,
-    cnn.GhostBatchNorm1d: torch.nn.BatchNorm1d,
-    cnn.GhostBatchNorm2d: torch.nn.BatchNorm2d,
-    cnn.FrozenBatchNorm1d: torch.nn.BatchNorm1d,
-    cnn.FrozenBatchNorm2d: torch.nn.BatchNorm2d,
-    cnn.FrozenBatchNorm3d: torch.nn.BatchNorm3d,
+    c: torch.nn.SyncBatchNorm if c.__name__ == "SyncBatchNorm" else getattr(torch.nn, f"BatchNorm{c.__name__[-2:]}")
+    for c in _LAYERS
 }
+
+
+def test_every_layer_is_checked():
+    expected = {"BatchNorm", "SyncBatchNorm", "BatchRenorm", "GhostBatchNorm", "FrozenBatchNorm"}
+    assert expected <= {c.__name__.rstrip("123d") if c.__name__ != "SyncBatchNorm" else "SyncBatchNorm" for c in COUNTERPARTS}
+    assert len(COUNTERPARTS) >= 12
+
+
 PLAIN = (cnn.BatchNorm1d, cnn.BatchNorm2d, cnn.BatchNorm3d)  # the lead's mixin-based layers (issue 9)
 REQUIRED = {cnn.GhostBatchNorm1d: {"virtual_batch_size": 2}, cnn.GhostBatchNorm2d: {"virtual_batch_size": 2}}
 

@@ -145,7 +145,8 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     ``BatchRenorm*``, ``GhostBatchNorm*``, your subclasses) becomes a ``FrozenBatchNorm*`` of the same
     rank that *shares* its parameter and buffer tensors; its parameters get ``requires_grad=False`` and
     it stays in eval mode whatever ``model.train()`` says. :func:`unfreeze` restores the original class,
-    hyper-parameters and ``requires_grad`` flags. Already frozen layers are left as they are.
+    hyper-parameters and ``requires_grad`` flags. Already frozen layers are left as they are. Hooks stay
+    registered and a layer shared by several parents stays shared (:mod:`covshift.nn.swap`).
 
     Returns ``model`` (or the frozen layer, when ``model`` is itself a BatchNorm layer).
 
@@ -183,8 +184,8 @@ def unfreeze(model: torch.nn.Module) -> torch.nn.Module:
 
     A layer frozen by :func:`freeze` gets back its original class (so its behaviour and
     hyper-parameters) and its parameters' ``requires_grad`` flags; one built as ``FrozenBatchNorm*``
-    becomes ``covshift.nn.BatchNorm*`` with its ``momentum`` and trainable parameters. Tensors are
-    shared, not copied. Each unfrozen layer takes its parent module's train/eval mode (the mode
+    becomes ``covshift.nn.BatchNorm*`` with its ``momentum`` and trainable parameters. Tensors (and
+    hooks) are shared, not copied (:mod:`covshift.nn.swap`). Each unfrozen layer takes its parent module's train/eval mode (the mode
     ``model.train()`` / ``model.eval()`` last set); an unfrozen root layer is left in eval.
 
     Returns ``model`` (or the unfrozen layer, when ``model`` is itself a frozen layer).

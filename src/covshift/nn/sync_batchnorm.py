@@ -245,7 +245,8 @@ class SyncBatchNorm(_BatchNormMixin, _BatchNorm):
         Converts ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm``, covshift's
         ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` (to set ``process_group``). Parameters and buffers are
         the *same* tensors (values, device, dtype, ``requires_grad`` and an optimizer's references
-        survive), and so are each layer's train/eval mode, hyper-parameters and ``skip_nonfinite``.
+        survive), and so are each layer's train/eval mode, hyper-parameters, ``skip_nonfinite`` and hooks; a
+        layer shared by several parents stays shared (:mod:`covshift.nn.swap`).
 
         Other BatchNorm subclasses keep their own behaviour and are left as they are: covshift's
         ``BatchRenorm*`` and ``GhostBatchNorm*`` (with a ``UserWarning``, since they stay per-process),
