@@ -112,3 +112,13 @@ def test_freeze_names_the_nested_layer_it_refuses():
     with pytest.raises(ValueError, match=r"at '1.1' has no running statistics"):
         cnn.freeze(model)
     assert type(model[0]) is torch.nn.BatchNorm1d  # refused before anything changed
+
+
+def test_convert_a_bare_layer_and_back_keeps_its_tensors_and_mode():
+    bn = torch.nn.BatchNorm2d(3, momentum=None).eval()
+    ours = cnn.convert(bn)
+    assert type(ours) is cnn.BatchNorm2d and ours.weight is bn.weight and not ours.training and ours.momentum is None
+    back = cnn.convert(ours, to="torch")
+    assert type(back) is torch.nn.BatchNorm2d and back.running_var is bn.running_var
+    with pytest.raises(ValueError, match="expected 'covshift' or 'torch'"):
+        cnn.convert(bn, to="jax")
