@@ -37,22 +37,12 @@ PLAIN = (cnn.BatchNorm1d, cnn.BatchNorm2d, cnn.BatchNorm3d)  # the lead's mixin-
 REQUIRED = {cnn.GhostBatchNorm1d: {"virtual_batch_size": 2}, cnn.GhostBatchNorm2d: {"virtual_batch_size": 2}}
 
 
-def _mark(cls):
-    if cls in PLAIN:
-        return pytest.mark.xfail(
-            strict=True,
-            reason="nn/batchnorm.py: _BatchNormMixin.__init__(*args, skip_nonfinite, **kwargs) hides torch's "
-            "signature from inspect.signature (fix there: spell out torch's parameters, or set __signature__)",
-        )
-    return ()
-
-
 def _shape(p):
     return (p.name, p.kind, p.default)
 
 
 @pytest.mark.parametrize(
-    "cls", [pytest.param(c, id=c.__name__, marks=_mark(c)) for c in COUNTERPARTS]
+    "cls", [pytest.param(c, id=c.__name__) for c in COUNTERPARTS]
 )
 def test_torchs_parameters_first_in_torchs_order_and_the_rest_keyword_only(cls):
     theirs = list(inspect.signature(COUNTERPARTS[cls]).parameters.values())

@@ -10,6 +10,7 @@ analytic backward) instead of ATen's kernel, and checks its input with clearer e
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -71,8 +72,21 @@ class _BatchNormMixin:
     _shape_hint: str
     skip_nonfinite: bool = False  # class default, so layers converted from torch's have it too
 
-    def __init__(self, *args, skip_nonfinite: bool = False, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        # torch's parameters, in torch's order; covshift's own option is keyword-only, after them
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.skip_nonfinite = skip_nonfinite
 
     def extra_repr(self) -> str:
