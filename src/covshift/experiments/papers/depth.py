@@ -215,7 +215,7 @@ DEPTH = register(
         summary="deep MLPs at initialization (depth 4-128, width 128): gradient explosion and rank collapse, with and without BN and LayerNorm",
         paper="Yang et al. 2019; Daneshmand et al. 2020; Brock et al. 2021",
         question="At initialization, does BN make gradients explode with depth, and does it keep the representation's rank from collapsing?",
-        config=DepthConfig(activation="relu", batch_size=128, steps=1, eval_every=1, probe_size=0, ics_every=0),
+        config=DepthConfig(activation="relu", batch_size=128, steps=1, eval_every=1, probe_size=0, ics_every=0, seeds=(0, 1, 2)),
         arms=(
             Arm("none", Role.BASELINE, "no normalization (He init)", {"norm": "none"}, color="#d1495b"),
             Arm("bn", Role.TREATMENT, "BatchNorm", {"norm": "bn"}, color="#00798c"),

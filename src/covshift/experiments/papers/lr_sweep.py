@@ -129,7 +129,7 @@ def findings(run) -> list[str]:
     out = []
     for arm in run.arms:
         div = []
-        for p in run.points():
+        for p in sorted(run.points(), key=lambda p: dict(p).get("lr", 0.0)):
             us = run.units_of(arm.name, p)
             n = sum(1 for u in us if (u.status.get("result") or {}).get("diverged"))
             if n:

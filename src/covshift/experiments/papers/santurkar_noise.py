@@ -184,9 +184,9 @@ def _figure_accuracy_and_drift(run):
             shifts.append(np.abs(mean_shift(mean, std, "previous")))
         if shifts:
             axes[2].plot(s[1:], np.nanmean(np.stack(shifts), 0)[1:], color=c, label=arm.label)
-    axes[0].set_title("test accuracy (mean over seeds, 95% band)")
-    axes[1].set_title(f"one unit of {run.layers[-1].label}: 15/50/85th percentiles (first seed)", fontsize=9)
-    axes[2].set_title("|standardized mean shift| between records, mean over units (first seed)", fontsize=9)
+    axes[0].set_title("test accuracy (mean over seeds, 95% band)", fontsize=10)
+    axes[1].set_title(f"one unit, hidden layer {len(run.layers)}: 15/50/85th pct (seed {run.seeds()[0]})", fontsize=10)
+    axes[2].set_title(f"instability: |mean shift| between records (seed {run.seeds()[0]})", fontsize=10)
     axes[2].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("training step")
