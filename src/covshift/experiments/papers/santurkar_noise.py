@@ -76,6 +76,39 @@ def instability(u) -> Optional[float]:
     return float(np.mean(vals)) if vals else None
 
 
+def layer_instability(u) -> Optional[float]:
+    """:func:`instability` of the whole layers (every unit pooled), for comparison."""
+    from covshift.monitor.drift import mean_shift
+
+    mon, vals = u.monitor, []
+    if mon is None:
+        return None
+    for layer in u.run.layers:
+        key = u.monitor_key(layer.module)
+        if key is None:
+            continue
+        _, mean = mon.series(key, "mean")
+        _, std = mon.series(key, "std")
+        d = np.abs(mean_shift(mean, std, "previous"))[1:]
+        vals.extend(d[np.isfinite(d)].tolist())
+    return float(np.mean(vals)) if vals else None
+
+
+def findings(run) -> list[str]:
+    parts = []
+    for arm in run.arms:
+        e = run.estimate(layer_instability, arm.name)
+        if e.n:
+            parts.append(f"{arm.label} {e.format(4)}")
+    if not parts:
+        return []
+    return [
+        "Whole-layer instability (the same measure on each hidden layer's pooled distribution, all units together): "
+        + ", ".join(parts) + ". The noise's mean is drawn per channel around 0, so it largely averages out over a layer's "
+        "units; the claim is judged on single units, as the paper's Figure 2 shows single activations."
+    ]
+
+
 def ics_mean(stat: str):
     """Mean over training and over every hidden layer but the first (whose G' is G) of a gradient-ICS statistic."""
 
@@ -183,7 +216,7 @@ def _figure_accuracy_and_drift(run):
             _, std = mon.series(k, "std")
             shifts.append(np.abs(mean_shift(mean, std, "previous")))
         if shifts:
-            axes[2].plot(s[1:], np.nanmean(np.stack(shifts), 0)[1:], color=c, label=arm.label)
+            axes[2].plot(s[1:], np.nanmean(np.stack(shifts)[:, 1:], 0), color=c, label=arm.label)  # record 0 has no previous
     axes[0].set_title("test accuracy (mean over seeds, 95% band)", fontsize=10)
     axes[1].set_title(f"one unit, hidden layer {len(run.layers)}: 15/50/85th pct (seed {run.seeds()[0]})", fontsize=10)
     axes[2].set_title(f"instability: |mean shift| between records (seed {run.seeds()[0]})", fontsize=10)
@@ -238,6 +271,7 @@ SANTURKAR_NOISE = register(
         ),
         layers=_layers,
         build_model=he_mlp,
+        findings=findings,
         metrics=(
             Metric("final_test_acc", "final test accuracy", _final_acc),
             Metric("instability", "mean |standardized mean shift| of single units between records", instability, digits=4),
