@@ -63,8 +63,7 @@ class _TorchGhost(torch.nn.BatchNorm2d):
         if not self.training:
             return super().forward(x)
         chunks = x.split(self.virtual_batch_size)
-        out = torch.cat([F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps) for c in chunks])
-        with torch.no_grad():
+        with torch.no_grad():  # before normalizing, as torch's own op updates
             m = [c.numel() // c.shape[1] for c in chunks]
             dims = [0, *range(2, x.dim())]
             acc = torch.promote_types(x.dtype, torch.float32)
@@ -74,7 +73,7 @@ class _TorchGhost(torch.nn.BatchNorm2d):
             f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), f)
             self.running_var.lerp_(pooled.to(self.running_var.dtype), f)
-        return out
+        return torch.cat([F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps) for c in chunks])
 
 
 @dataclass(frozen=True)
@@ -197,7 +196,10 @@ def test_checkpoint_non_reentrant(case):
     def call(m, x):
         return checkpoint(m, x, use_reentrant=False)
 
-    _compare(_run(ours, case.shape, call), _run(ref, case.shape, call))
+    got = _run(ours, case.shape, call)
+    _compare(got, _run(ref, case.shape, call))
+    if case.name != "FrozenBatchNorm2d":
+        assert int(got[-1][-2]) == 3 + 2 * sum(SCHEDULE), "num_batches_tracked: one update per forward, recomputation included"
 
 
 # --- torch.func.functional_call with substituted buffers ----------------------------------------------

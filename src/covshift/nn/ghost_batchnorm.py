@@ -117,9 +117,9 @@ class _GhostBatchNormMixin:
             return super().forward(input)  # one ghost batch (or inference): plain BatchNorm
         sizes = self._ghost_sizes(input)
         chunks = input.split(sizes)
-        # Each ghost batch is normalized alone by the core, with its own batch statistics.
-        outs = [batch_norm(chunk, None, None, self.weight, self.bias, True, 0.0, self.eps) for chunk in chunks]
         if self.training and self.track_running_stats and not self._nonfinite_batch(input):
+            # Before normalizing, as torch's kernel does: a checkpointed forward that stops recomputing once
+            # the normalization has saved its tensors then updates twice per step, as torch's layer does.
             with torch.no_grad():
                 stats = [batch_stats(chunk.detach()) for chunk in chunks]  # (mean_k, biased var_k), (C,) each
                 counts = [c.numel() // c.shape[1] for c in chunks]  # m_k, values per channel
@@ -131,6 +131,8 @@ class _GhostBatchNormMixin:
                 within = (m * vars_).sum(0) / total  # biased, within ghost batches
             # The update applies n/(n-1) to the variance; with n = M/K that is M/(M-K): the pooled unbiased one.
             advance_running_stats(self, mean, within, total / len(chunks))
+        # Each ghost batch is normalized alone by the core, with its own batch statistics.
+        outs = [batch_norm(chunk, None, None, self.weight, self.bias, True, 0.0, self.eps) for chunk in chunks]
         return torch.cat(outs)
 
 
