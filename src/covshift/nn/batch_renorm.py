@@ -62,6 +62,11 @@ _DOC = r"""
     (:data:`PAPER_SCHEDULE`). :meth:`limits` gives the current pair. With ``r_max=1, d_max=0`` the layer
     *is* BatchNorm (same outputs, gradients and running statistics, bit for bit).
 
+    **Checkpointing.** Under ``torch.utils.checkpoint`` the running statistics are updated by the forward
+    and again by its recomputation, as torch's BatchNorm does; the recomputation therefore forms ``r`` and
+    ``d`` from statistics one update newer than the first pass did, so gradients differ from an
+    un-checkpointed step by that update (none while ``r_max = 1, d_max = 0``).
+
     State: torch's BatchNorm parameters and buffers, so a checkpoint loads into ``torch.nn.BatchNorm*``
     (for inference) and back with ``strict=True``.
 
