@@ -287,7 +287,10 @@ def main() -> int:
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     parser.add_argument("--compile", action="store_true", help="compare torch.compile of each layer instead")
     parser.add_argument("--write", action="store_true", help="write the tables to docs/results/")
+    parser.add_argument("--only", default=None, help="run only the shapes whose label contains this text")
     args = parser.parse_args()
+    if args.only:
+        SHAPES[:] = [s for s in SHAPES if args.only in s[0]]
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     cnn.BatchNorm1d(3)(torch.zeros(2, 3, requires_grad=True)).sum().backward()  # build/load the kernel first

@@ -213,3 +213,30 @@ def test_fx_based_tools_accept_a_converted_model():
     prepared = prepare_fx(ours, get_default_qconfig_mapping("x86"), (_x(),))
     with torch.no_grad():
         torch.testing.assert_close(prepared(_x()), ours(_x()))
+
+
+def test_a_model_compiled_before_any_eager_call_gets_the_kernel():
+    """The first use in a process can be inside torch.compile's trace: the kernel loads and is traced."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import torch
+        import covshift.nn as cnn
+        from covshift.ops import batch_norm as op
+        assert not op.loaded()
+        graphs = []
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm
+        m = torch.nn.Sequential(torch.nn.Linear(5, 4), cnn.BatchNorm1d(4))
+        y = torch.compile(m, backend=backend, fullgraph=True)(torch.randn(8, 5))
+        targets = {str(n.target) for g in graphs for n in g.graph.nodes}
+        assert op.loaded() and "covshift.batch_norm.default" in targets, targets
+        print("OK")
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "OK" in run.stdout, run.stdout + run.stderr[-3000:]

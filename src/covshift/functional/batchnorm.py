@@ -452,6 +452,12 @@ def batch_norm(
     return run(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
+def _kernel():
+    # Under torch.compile the operator is named through torch.ops, which dynamo resolves when it traces
+    # (the module-level handle may have been read as None before a first, traced, load).
+    return torch.ops.covshift.batch_norm.default if torch.compiler.is_compiling() else _op.kernel
+
+
 def run(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -466,13 +472,14 @@ def run(
     kernel or the reference, then the running update. The hot path of every training step."""
     if training:
         if input.numel() > 0 and dispatch.use_kernel(input, running_mean, running_var, weight, bias):
+            kernel = _kernel()
             if isinstance(momentum, Tensor) and not torch.compiler.is_compiling():
                 momentum = float(momentum)  # a CPU scalar: reading it costs no device sync
             if not isinstance(momentum, Tensor):  # the kernel updates the running statistics in its sweep
-                return _op.kernel(input, weight, bias, running_mean, running_var, True, momentum, eps)[0]
+                return kernel(input, weight, bias, running_mean, running_var, True, momentum, eps)[0]
             # Compiled with a tensor factor (momentum=None): the update stays in the graph, on the
             # variance recovered from invstd (to float32 rounding), so there is no graph break.
-            y, mean, invstd = _op.kernel(input, weight, bias, None, None, True, 0.0, eps)
+            y, mean, invstd = kernel(input, weight, bias, None, None, True, 0.0, eps)
             var = invstd.pow(-2) - eps
         elif input.numel() == 0:
             # N = 0: nothing to normalize, and the running statistics stay as they are.
@@ -486,5 +493,5 @@ def run(
     if dispatch.tracing_inference():
         return _affine_inference(input, running_mean, running_var, weight, bias, eps)
     if dispatch.use_kernel(input, running_mean, running_var, weight, bias):
-        return _op.kernel(input, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
+        return _kernel()(input, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
     return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False, eps)[0]

@@ -183,7 +183,8 @@ def use_kernel(
     case, checked in a few attribute reads: it runs on every training step of every layer.
     """
     if (
-        _op.kernel is not None
+        not torch.compiler.is_compiling()  # (dynamo must not read, and guard on, the handle below)
+        and _op.kernel is not None
         and _state.backend == "auto"
         and input.dtype is torch.float32
         and input.is_cpu
@@ -226,7 +227,14 @@ def _slow_use_kernel(input, running_mean, running_var, weight, bias) -> bool:
                 f"got {t.dtype} on {t.device.type}",
             )
             return False
-    if not (_op.loaded() or _op.load()):
+    if not _kernel_available():
         _warn_once("build", _op.error() or "the fast CPU kernel is unavailable")
         return False
     return True
+
+
+@torch._dynamo.assume_constant_result
+def _kernel_available() -> bool:
+    """Build or load the kernel (first use in a process). Run for real even while ``torch.compile`` traces
+    (its result is a constant to dynamo), so a model compiled before any eager call still gets the kernel."""
+    return _op.loaded() or _op.load()
