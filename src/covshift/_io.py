@@ -29,6 +29,7 @@ __all__ = [
     "append_jsonl",
     "read_jsonl",
     "JsonlWriter",
+    "json_number",
     "JsonlError",
     "TruncatedJsonlWarning",
 ]
@@ -85,6 +86,15 @@ def _line(record: dict[str, Any]) -> str:
     return json.dumps(record, default=float) + "\n"
 
 
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def json_number(v: float) -> str:
+    """``v`` as :func:`json.dumps` writes a float (``NaN`` / ``Infinity`` for non-finite values)."""
+    r = repr(float(v))
+    return _NON_FINITE.get(r, r)
+
+
 class JsonlWriter:
     """Appends JSON lines to one file, each call's lines written together and flushed to the OS.
 
@@ -97,7 +107,11 @@ class JsonlWriter:
 
     def write(self, records: Iterable[dict[str, Any]]) -> None:
         """Append one line per record (non-finite floats as ``NaN`` / ``Infinity``)."""
-        text = "".join(_line(r) for r in records)
+        self.write_lines([_line(r) for r in records])
+
+    def write_lines(self, lines: Iterable[str]) -> None:
+        """Append lines already encoded (each a JSON object ending in a newline, see :func:`json_number`)."""
+        text = "".join(lines)
         if not text:
             return
         if self._f is None:

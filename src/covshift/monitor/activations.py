@@ -251,6 +251,12 @@ class ActivationMonitor:
         self._opt_handle: Optional[torch.utils.hooks.RemovableHandle] = None
         self._in_opt_hook = False
         self._positions: dict[tuple[int, torch.device], Tensor] = {}
+        self._keys: dict[tuple[str, int, bool], RecordKey] = {}  # (module, call, probe) -> key
+        # The fast path (stats.record in the hook) needs a key's edges as a tensor, and per-rank
+        # statistics (reduce="global" merges samples, so it keeps them).
+        self._edges_t: dict[RecordKey, Tensor] = {}
+        self._threshold = float(config.saturation_threshold)
+        self._qs = [float(q) for q in config.percentiles]
         self._warned_idle = False
         self._probed_step: Optional[int] = None
 
@@ -432,10 +438,10 @@ class ActivationMonitor:
         # Shape-only Python logic here: nothing reads a value back from the device.
         c = self._calls.get(name, 0)
         self._calls[name] = c + 1
-        key = RecordKey(name, c, None, self._probing)
-        r = self._reduce(x, self.config.per_channel)
-        if r is not None:
-            self._pending.append(Pending(self._step, key, r))
+        key = self._keys.get((name, c, self._probing))
+        if key is None:
+            key = self._keys[(name, c, self._probing)] = RecordKey(name, c, None, self._probing)
+        self._record(key, x, self.config.per_channel)
         extra = self._channels.get(name)
         if extra:
             if x.dim() < 2 or max(extra) >= x.shape[1]:
@@ -445,24 +451,31 @@ class ActivationMonitor:
                     f"{list(extra)}. Use indices in range, or drop the entry."
                 )
             for ch in extra:
-                r = self._reduce(x.select(1, ch), False)
-                if r is not None:
-                    self._pending.append(Pending(self._step, RecordKey(name, c, ch, self._probing), r))
+                self._record(RecordKey(name, c, ch, self._probing), x.select(1, ch), False)
 
-    def _reduce(self, x: Tensor, per_channel: bool) -> Optional[stats.Reduced]:
+    def _record(self, key: RecordKey, x: Tensor, per_channel: bool) -> None:
         n = x.numel()
         # Under reduce="global" an empty shard still gives a record (count 0), so that every rank
         # has the same records in the same order.
         if (n == 0 and not self._global) or x.is_complex():
-            return None
+            return
         positions = None
         if n > self.config.sample_size:
-            key = (n, x.device)
-            positions = self._positions.get(key)
+            pkey = (n, x.device)
+            positions = self._positions.get(pkey)
             if positions is None:
                 positions = stats.sample_positions(n, self.config.sample_size, self.config.seed, x.device)
-                self._positions[key] = positions
-        return stats.reduce(x, positions, per_channel)
+                self._positions[pkey] = positions
+        edges = self._edges_t.get(key)
+        if edges is not None and n and stats.fused_available(x):
+            # The fast path: every statistic now, in one fused call; no copy of x is kept.
+            row = torch.ops.covshift_monitor.record(
+                x.detach(), positions, edges, self._threshold, self._qs
+            )
+            channel = stats.channel_moments(x) if per_channel else None
+            self._pending.append(Pending(self._step, key, None, row, channel, n))
+        else:
+            self._pending.append(Pending(self._step, key, stats.reduce(x, positions, per_channel)))
 
     # -- probe -----------------------------------------------------------------------------
     def _maybe_probe(self) -> None:
@@ -495,10 +508,18 @@ class ActivationMonitor:
             self._flush_global(pending)
         elif pending:
             with _one_cpu_thread():
-                new = _flush_mod.decide_edges(pending, self._edges, self.config)
-                self._edges.update(new)
-                ls = _flush_mod.layer_stats(pending, self._edges, self.config)
-                self._write(_flush_mod.finish(ls, self._edges, self.config))
+                slow = [p for p in pending if p.row is None]
+                fast = [p for p in pending if p.row is not None]
+                parts = []
+                if slow:
+                    self._edges.update(_flush_mod.decide_edges(slow, self._edges, self.config))
+                    ls = _flush_mod.layer_stats(slow, self._edges, self.config)
+                    parts.append(_flush_mod.finish(ls, self._edges, self.config))
+                if fast:
+                    parts.append(_flush_mod.finish_rows(fast, self._edges, self.config))
+                self._write(_flush_mod.concat(parts))
+                for key in self._edges.keys() - self._edges_t.keys():
+                    self._edges_t[key] = torch.as_tensor(self._edges[key], dtype=torch.float64)
         if self.log_dir is None:
             return
         now = time.monotonic()
@@ -508,22 +529,13 @@ class ActivationMonitor:
 
     def _flush_global(self, pending: list[Pending]) -> None:
         # Every rank calls this with the same records in the same order (the same modules at the
-        # same steps). New keys take rank 0's edges (one broadcast, once per key); then one merge.
+        # same steps). New keys take rank 0's edges (one broadcast, once per key in the run); then
+        # one collective per flush: merge_across_ranks.
         import torch.distributed as dist
 
         from covshift.monitor.distributed import merge_across_ranks
 
-        counts = [len(pending)]
-        if dist.get_world_size(self._group) > 1:
-            sizes: list[Any] = [None] * dist.get_world_size(self._group)
-            dist.all_gather_object(sizes, (len(pending), [str(p.key) for p in pending[:1]]), group=self._group)
-            counts = [s[0] for s in sizes]
-        if any(c != counts[0] for c in counts):
-            raise RuntimeError(
-                f"reduce='global': expected every rank to have recorded the same records, got "
-                f"{counts} records on ranks 0..{len(counts) - 1}. Every rank must run the same "
-                "forwards at the same steps (the same model, no rank-dependent eval forwards)."
-            )
+        # (A rank with a different set of records makes merge_across_ranks raise on every rank.)
         if not pending:
             return
         with _one_cpu_thread():
@@ -535,7 +547,7 @@ class ActivationMonitor:
                 new = box[0]
             self._edges.update(new)
             ls = _flush_mod.layer_stats(pending, self._edges, self.config)
-            ls = merge_across_ranks(ls, group=self._group)
+            ls = merge_across_ranks(ls, group=self._group, sample_width=self.config.sample_size)
             batch = _flush_mod.finish(ls, self._edges, self.config)
         if self._writer_rank:
             self._write(batch)
@@ -544,7 +556,7 @@ class ActivationMonitor:
         """Hand one flush's records to the in-memory records and to every writer."""
         self.records.add_batch(batch)
         if self._jsonl is not None:
-            self._jsonl.write(io.batch_lines(batch))
+            self._jsonl.write_lines(io.batch_lines(batch))
         if self._tensorboard:
             if self._tb is None:
                 self._tb = io.TensorBoardWriter(self.log_dir)  # type: ignore[arg-type]

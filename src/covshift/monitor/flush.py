@@ -12,6 +12,11 @@ recorded steps:
    sample, one copy to the host, and the scalar statistics, ready for the writers (JSON Lines, npz,
    TensorBoard) and for :class:`~covshift.monitor.MonitorRecords`.
 
+The fast path skips steps 2 and 3 for most records: once a key's edges are fixed, and when
+statistics stay per rank, the hook computes the whole record at once (:func:`stats.record`, one
+fused C++ call that reads the activation and keeps no copy), and :func:`finish_rows` only moves
+the rows to the host. Both paths give the same numbers (tested).
+
 Meaning of the statistics: see :mod:`covshift.monitor.stats` (non-finite values are counted in
 ``frac_nonfinite`` and left out of every other statistic).
 """
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,15 +35,21 @@ from covshift.monitor import stats
 from covshift.monitor.config import MonitorConfig
 from covshift.monitor.records import RecordKey
 
-__all__ = ["Pending", "LayerStats", "RecordBatch", "stat_names", "decide_edges", "layer_stats", "finish"]
+__all__ = [
+    "Pending", "LayerStats", "RecordBatch", "stat_names", "decide_edges", "layer_stats", "finish",
+    "finish_rows", "concat",
+]
 
 
 class Pending(NamedTuple):
-    """One stage-1 result waiting for the flush."""
+    """One measured activation waiting for the flush: a stage-1 result, or a finished row."""
 
     step: int
     key: RecordKey
-    reduced: stats.Reduced
+    reduced: Optional[stats.Reduced]  # a sample (and moments) for stage 2, or None when `row` is set
+    row: Optional[Tensor] = None  # (9 + B + 2 + P,) from stats.record: every statistic, computed in the hook
+    channel: Optional[tuple[Tensor, Tensor, Tensor]] = None  # with `row`: per-channel mean, var, max
+    numel: int = 0  # with `row`: values in the activation
 
 
 # NOTE: covshift.monitor.distributed.merge_across_ranks (engineer A2) depends on this definition:
@@ -190,10 +201,12 @@ def layer_stats(
     *,
     use_extension: Optional[bool] = None,
 ) -> LayerStats:
-    """Stage 2 on the device: one :class:`LayerStats` row per pending record, in their order.
+    """Stage 2 on the device: one :class:`LayerStats` row per pending record.
 
     Records of one key with the same sample size, dtype and kind (moments from the hook, or from the
-    sample when the sample is every value) are stacked and reduced by one :func:`stats.rows` call.
+    sample when the sample is every value) are stacked and reduced by one :func:`stats.rows` call;
+    the rows come grouped so (a deterministic order, the same on every rank that recorded the
+    same records), and :func:`finish` restores the recording order (by step).
     """
     if not pending:
         raise ValueError("layer_stats: expected at least one pending record, got none.")
@@ -210,10 +223,9 @@ def layer_stats(
     for (key, k, _, exact), idx in groups.items():
         recs = [pending[i].reduced for i in idx]
         s = torch.stack([r.sample for r in recs])  # (R, k), our own copies
-        valid = torch.full((len(idx),), k, dtype=torch.int64, device=device)
         e = torch.as_tensor(edges[key], dtype=torch.float64, device=device)
-        mom, hist, fl, compact = stats.rows(s, valid, e, config.saturation_threshold, use_extension=use_extension)
-        counts.append(mom[:, 0].to(torch.int64))  # finite sample values
+        mom, hist, fl, compact = stats.rows(s, None, e, config.saturation_threshold, use_extension=use_extension)
+        counts.append(mom[:, 0])  # finite sample values
         if not exact:  # moments of the whole tensor, from the hook
             mom = torch.stack([r.moments for r in recs])  # type: ignore[misc]
         if compact.dtype != dtype or k != width:
@@ -225,27 +237,27 @@ def layer_stats(
         hists.append(hist)
         flags.append(fl)
         samples.append(compact)
-    inverse = torch.empty(len(order), dtype=torch.int64)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    inv = inverse.to(device)
-    cat = lambda ts: torch.cat(ts).index_select(0, inv)  # noqa: E731  (back to recording order)
-    mom, fl = cat(moms), cat(flags)
-
+    # Rows in group order (deterministic, so the same on every rank); finish() puts them back in
+    # recording order on the host.
+    one = len(moms) == 1
+    mom = moms[0] if one else torch.cat(moms)
+    fl = flags[0] if one else torch.cat(flags)
     out = LayerStats(
-        keys=[p.key for p in pending],
-        steps=torch.tensor([p.step for p in pending], dtype=torch.int64),
+        keys=[pending[i].key for i in order],
+        steps=torch.tensor([pending[i].step for i in order], dtype=torch.int64),
         count=mom[:, 0].to(torch.int64),
-        mean=mom[:, 1].contiguous(),
-        m2=mom[:, 2].contiguous(),
-        min=mom[:, 3].contiguous(),
-        max=mom[:, 4].contiguous(),
+        mean=mom[:, 1],
+        m2=mom[:, 2],
+        min=mom[:, 3],
+        max=mom[:, 4],
         n_nonfinite=mom[:, 5].to(torch.int64),
-        hist=cat(hists),
-        n_saturated=fl[:, 0].contiguous(),
-        n_nonpositive=fl[:, 1].contiguous(),
-        sample=cat(samples),
-        sample_count=cat(counts),
+        hist=hists[0] if one else torch.cat(hists),
+        n_saturated=fl[:, 0],
+        n_nonpositive=fl[:, 1],
+        sample=samples[0] if one else torch.cat(samples),
+        sample_count=(counts[0] if one else torch.cat(counts)).to(torch.int64),
     )
+    pending = [pending[i] for i in order]
     if any(p.reduced.channel is not None for p in pending):
         sizes, cnt, cm, cm2, cx = [], [], [], [], []
         for p in pending:
@@ -288,23 +300,93 @@ def finish(
     if has_channels:
         tensors += [ls.channel_count, ls.channel_mean, ls.channel_m2, ls.channel_max]
     host = stats.to_host(tensors)
-    count, mean, m2, mn, mx, nonfinite, hist, sat, nonpos, scount, pct_h = host[:11]
-    n = count.astype(np.float64)
-    k = scount.astype(np.float64)
+    channels = None
+    if has_channels:
+        channels = (ls.channel_sizes.tolist(), *host[11:])  # type: ignore[union-attr]
+    return _assemble(list(ls.keys), ls.steps.numpy(), edges, config, *host[:11], channels=channels)
+
+
+def finish_rows(
+    pending: Sequence[Pending], edges: Mapping[RecordKey, np.ndarray], config: MonitorConfig
+) -> RecordBatch:
+    """The records measured whole in the hook (:func:`stats.record` rows) as a :class:`RecordBatch`.
+
+    The same statistics as :func:`finish` (see there), from ``(9 + B + 2 + P,)`` rows.
+    """
+    B = config.hist_bins
+    rows = torch.stack([p.row for p in pending])  # type: ignore[misc]  (R, 9 + B + 2 + P)
+    tensors = [rows]
+    with_c = [p for p in pending if p.channel is not None]
+    if with_c:
+        tensors += [torch.cat([p.channel[k].double() for p in with_c]) for k in range(3)]  # type: ignore[index]
+    host = stats.to_host(tensors)
+    r = host[0]
+    channels = None
+    if with_c:
+        sizes = [0 if p.channel is None else p.channel[0].numel() for p in pending]
+        per = np.array([p.numel // c if c else 0 for p, c in zip(pending, sizes)], dtype=np.int64)
+        cm, cv, cx = host[1:]
+        per_flat = np.repeat(per[np.array(sizes) > 0], [c for c in sizes if c])
+        channels = (sizes, per, cm, cv * per_flat, cx)
+    return _assemble(
+        [p.key for p in pending], np.array([p.step for p in pending], dtype=np.int64), edges, config,
+        r[:, 0], r[:, 1], r[:, 2], r[:, 3], r[:, 4], r[:, 5], r[:, 9 : 11 + B], r[:, 6], r[:, 7], r[:, 8],
+        r[:, 11 + B :], channels=channels,
+    )
+
+
+def concat(batches: Sequence[RecordBatch]) -> RecordBatch:
+    """One batch from several of the same flush, ordered by step (stable)."""
+    if len(batches) == 1:
+        return batches[0]
+    names = max((b.names for b in batches), key=len)  # with frac_dead if any has it
+    values = []
+    for b in batches:
+        v = b.values
+        if b.names != names:  # insert the missing frac_dead column (NaN)
+            v = np.insert(v, names.index("frac_dead"), np.nan, axis=1)
+        values.append(v)
+    steps = np.concatenate([b.steps for b in batches])
+    o = np.argsort(steps, kind="stable")
+    ol = o.tolist()
+    keys = [k for b in batches for k in b.keys]
+    cm = [c for b in batches for c in b.channel_mean]
+    cs = [c for b in batches for c in b.channel_std]
+    edges: dict[RecordKey, np.ndarray] = {}
+    for b in batches:
+        edges.update(b.edges)
+    return RecordBatch(
+        keys=[keys[i] for i in ol], steps=steps[o], names=names, values=np.concatenate(values)[o],
+        hist=np.concatenate([b.hist for b in batches])[o], edges=edges,
+        channel_mean=[cm[i] for i in ol], channel_std=[cs[i] for i in ol],
+    )
+
+
+def _assemble(
+    keys: list[RecordKey],
+    steps: np.ndarray,
+    edges: Mapping[RecordKey, np.ndarray],
+    config: MonitorConfig,
+    count, mean, m2, mn, mx, nonfinite, hist, sat, nonpos, scount, pct_h,
+    *,
+    channels: Optional[tuple] = None,
+) -> RecordBatch:
+    """Host arrays ``(L, ...)`` of the sufficient statistics -> the scalar statistics, by step."""
+    n = np.asarray(count, dtype=np.float64)
+    k = np.asarray(scount, dtype=np.float64)
     numel = n + nonfinite
     with np.errstate(divide="ignore", invalid="ignore"):
         empty = n == 0
         cols = [
             np.where(empty, np.nan, mean), np.where(empty, np.nan, np.sqrt(np.maximum(m2, 0) / n)),
-            np.where(empty, np.nan, mn), np.where(empty, np.nan, mx), *pct_h.T,
+            np.where(empty, np.nan, mn), np.where(empty, np.nan, mx), *np.asarray(pct_h).T,
             sat / k, nonpos / k, np.where(numel > 0, nonfinite / numel, np.nan),
         ]
-    L = len(ls)
+    L = len(keys)
     c_mean: list[Optional[np.ndarray]] = [None] * L
     c_std: list[Optional[np.ndarray]] = [None] * L
-    if has_channels:
-        sizes = ls.channel_sizes.tolist()  # type: ignore[union-attr]
-        per, cm, cm2, cx = host[11:]
+    if channels is not None:
+        sizes, per, cm, cm2, cx = channels
         dead = np.full(L, np.nan)
         start = 0
         for i, c in enumerate(sizes):
@@ -316,10 +398,13 @@ def finish(
                 start += c
         cols.append(dead)
     cols.append(numel)
-    names = stat_names(config.percentiles, has_channels)
+    names = stat_names(config.percentiles, channels is not None)
     values = np.stack([np.asarray(c, dtype=np.float64) for c in cols], axis=1) if L else np.zeros((0, len(names)))
+    steps = np.asarray(steps, dtype=np.int64)
+    o = np.argsort(steps, kind="stable")  # recording order: by step, then as grouped
+    ol = o.tolist()
     return RecordBatch(
-        keys=list(ls.keys), steps=ls.steps.numpy().astype(np.int64), names=names, values=values,
-        hist=hist.astype(np.int64), edges={key: edges[key] for key in ls.keys},
-        channel_mean=c_mean, channel_std=c_std,
+        keys=[keys[i] for i in ol], steps=steps[o], names=names, values=values[o],
+        hist=np.asarray(hist).astype(np.int64)[o], edges={key: edges[key] for key in keys},
+        channel_mean=[c_mean[i] for i in ol], channel_std=[c_std[i] for i in ol],
     )

@@ -72,8 +72,12 @@ __all__ = [
     "rows_reference",
     "percentiles_",
     "percentiles_reference",
+    "record",
+    "record_reference",
     "extension",
     "use_extension",
+    "fused_available",
+    "channel_moments",
     "auto_edges",
     "fixed_edges",
     "to_host",
@@ -196,23 +200,39 @@ def reduce(
     else:
         mom, sample = moments(x, positions, use_extension=use_extension)
 
-    channel = None
-    if per_channel and x.dim() >= 2:
-        dims = [0, *range(2, x.dim())]
-        c_mean = x.mean(dims)  # (C,)
-        cd = x - c_mean.reshape(1, -1, *([1] * (x.dim() - 2)))  # (N, C, *)
-        c_var = cd.square_().mean(dims)  # (C,), population variance, two-pass
-        channel = (c_mean, c_var, x.amax(dims))
+    channel = channel_moments(x) if per_channel else None
     return Reduced(mom, sample, x.numel(), channel)
 
 
+def channel_moments(x: Tensor) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """Per channel (dim 1) of ``x`` ``(N, C, *)``: mean ``(C,)``, population variance (two-pass)
+    and max, over every value (a channel holding a NaN has NaN statistics); None below 2 dims."""
+    if x.dim() < 2:
+        return None
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    dims = [0, *range(2, x.dim())]
+    c_mean = x.mean(dims)  # (C,)
+    cd = x - c_mean.reshape(1, -1, *([1] * (x.dim() - 2)))  # (N, C, *)
+    c_var = cd.square_().mean(dims)  # (C,)
+    return c_mean, c_var, x.amax(dims)
+
+
+def fused_available(x: Tensor) -> bool:
+    """Whether the C++ kernels will serve ``x`` (CPU float32/float64, extension built, not disabled)."""
+    return _fused(x, None)
+
+
 def rows_reference(
-    sample: Tensor, valid: Tensor, edges: Tensor, threshold: float
+    sample: Tensor, valid: Optional[Tensor], edges: Tensor, threshold: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per row of ``sample`` ``(R, K)``, over its first ``valid[r]`` entries: see :func:`rows`."""
     R, K = sample.shape
     B = edges.numel() - 1
     dev = sample.device
+    if valid is None:
+        valid = torch.full((R,), K, dtype=torch.int64, device=dev)
     fin = torch.isfinite(sample) & (torch.arange(K, device=dev) < valid.to(dev)[:, None])
     n = fin.sum(1, dtype=torch.float64)
     x64 = sample.double()
@@ -240,9 +260,9 @@ def rows_reference(
 
 
 def rows(
-    sample: Tensor, valid: Tensor, edges: Tensor, threshold: float, *, use_extension: Optional[bool] = None
+    sample: Tensor, valid: Optional[Tensor], edges: Tensor, threshold: float, *, use_extension: Optional[bool] = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Stage 2 for stacked samples ``(R, K)``; each row's first ``valid[r]`` entries count.
+    """Stage 2 for stacked samples ``(R, K)``; each row's first ``valid[r]`` entries count (all if None).
 
     Returns:
         ``(moments, hist, flags, compact)``: ``(R, 6)`` float64 moments as :func:`moments_reference`
@@ -284,6 +304,43 @@ def percentiles_(compact: Tensor, n: Tensor, qs: Sequence[float], *, use_extensi
     if _fused(compact, use_extension) and compact.is_contiguous():
         return torch.ops.covshift_monitor.percentiles_(compact, n, [float(q) for q in qs])
     return percentiles_reference(compact, n, qs)
+
+
+def record_reference(
+    x: Tensor, positions: Optional[Tensor], edges: Tensor, threshold: float, qs: Sequence[float]
+) -> Tensor:
+    """``(9 + B + 2 + P,)`` float64: see :func:`record` (composed from the other reference ops)."""
+    x = x.detach().reshape(-1)
+    mom = moments_reference(x)
+    sample = x if positions is None else torch.take(x, positions)
+    _, hist, flags, compact = rows_reference(sample[None], None, edges, threshold)
+    k = torch.isfinite(sample).sum(dtype=torch.int64)[None]
+    pct = percentiles_reference(compact, k, qs)
+    return torch.cat([mom, flags[0].double(), k.double(), hist[0].double(), pct[0]])
+
+
+def record(
+    x: Tensor,
+    positions: Optional[Tensor],
+    edges: Tensor,
+    threshold: float,
+    qs: Sequence[float],
+    *,
+    use_extension: Optional[bool] = None,
+) -> Tensor:
+    """Every statistic of one record in one call, from the activation itself (no copy kept).
+
+    For a key whose histogram edges are fixed, the hook calls this instead of keeping a sample.
+
+    Returns:
+        ``(9 + B + 2 + P,)`` float64: ``[n, mean, M2, min, max, n_nonfinite]`` over the finite
+        values of the whole of ``x``; ``[n_saturated, n_nonpositive, k]`` over the ``k`` finite
+        values of the sample (``x.flatten()[positions]``, or every value); their histogram on
+        ``edges`` with tails (``B + 2``); their percentiles ``qs`` (``P``, NaN when ``k == 0``).
+    """
+    if _fused(x, use_extension):
+        return torch.ops.covshift_monitor.record(x, positions, edges, float(threshold), [float(q) for q in qs])
+    return record_reference(x, positions, edges, threshold, qs)
 
 
 def _representable(edges: np.ndarray, dtype: torch.dtype) -> np.ndarray:
