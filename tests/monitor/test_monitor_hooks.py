@@ -122,14 +122,23 @@ def assert_matches(mon, layer, step, x, threshold=3.0):
     ],
     ids=["mlp", "cnn-inplace-relu", "shared-layer", "tuple-module"],
 )
-def test_recorded_statistics_equal_direct_values(make, watched):
+@pytest.mark.parametrize("fused", [True, False], ids=["cpp", "torch"])
+def test_recorded_statistics_equal_direct_values(make, watched, fused):
+    # Steps 0 and 2 take the sample path (no edges yet); after the flush at step 3, step 4 takes
+    # the fast path (stats.record in the hook) when the C++ kernels are used.
+    if fused and not stats.extension().loaded:
+        pytest.skip(f"C++ monitor kernels unavailable: {stats.extension().error}")
     torch.manual_seed(0)
     model = make()
     ref = capture(model, sorted(set(watched.values())))
     mon = ActivationMonitor(model, every=2, flush_every=2)
     assert set(watched) - {n for n in watched if "#" in n} <= set(mon.modules)
-    with mon:
-        train(model, mon, 5)
+    with mon, stats.use_extension(fused):
+        train(model, mon, 4)
+        x, _ = batch(model, 4)
+        model(x)  # step 4
+        assert mon._pending and all((p.row is not None) == fused for p in mon._pending)
+        mon.step()
     for layer, module in watched.items():
         k = int(layer.split("#")[1]) if "#" in layer else 0  # k-th call in one forward
         per_call = len(ref[module]) // 5
