@@ -356,12 +356,15 @@ def test_strided_float32_input_warns_once_and_matches_the_reference(fresh_warnin
         torch.testing.assert_close(y, batch_norm(x, None, None, training=True))
 
 
-def test_mixed_parameter_dtype_falls_back_with_a_warning(fresh_warnings):
+def test_mixed_parameter_dtype_is_torchs_error_not_a_fallback(fresh_warnings):
+    """torch refuses float64 parameters with float32 input (RuntimeError); so does covshift, on every backend."""
     x = torch.randn(8, 3)
     w = torch.ones(3, dtype=torch.float64)
-    with use_backend("auto"):
-        _, caught = _warnings_of(lambda: batch_norm(x, None, None, w, None, training=True))
-    assert len(caught) == 1 and "weight" in str(caught[0].message)
+    with pytest.raises(RuntimeError):
+        F.batch_norm(x, None, None, w, None, training=True)
+    for backend in ("auto", "fast", "reference"):
+        with use_backend(backend), pytest.raises(RuntimeError, match="weight is torch.float64"):
+            _warnings_of(lambda: batch_norm(x, None, None, w, None, training=True))
 
 
 def test_a_failed_build_warns_once_with_the_reason_and_runs_the_reference(monkeypatch, fresh_warnings):

@@ -202,6 +202,11 @@ _EDGE_CASES = {
     "wrong running_mean size": lambda f: f(torch.randn(4, 3), torch.zeros(2), torch.ones(3), training=True),
     "wrong weight size": lambda f: f(torch.randn(4, 3), None, None, torch.ones(2), training=True),
     "eval without stats": lambda f: f(torch.randn(4, 3), None, None, training=False),
+    "int64 input": lambda f: f(torch.ones(4, 3, dtype=torch.long), None, None, training=True),
+    "bool input, eval": lambda f: f(torch.ones(4, 3, dtype=torch.bool), torch.zeros(3), torch.ones(3)),
+    "float64 input, float32 weight": lambda f: f(torch.randn(4, 3, dtype=torch.float64), None, None, torch.ones(3), training=True),
+    "float32 input, float64 stats": lambda f: f(torch.randn(4, 3), torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), training=True),
+    "float32 input, bfloat16 weight": lambda f: f(torch.randn(4, 3), None, None, torch.ones(3, dtype=torch.bfloat16), training=True),
 }
 
 
@@ -239,3 +244,13 @@ def test_module_validates_eps_like_torch():
                 cls(3, eps=eps)(x)
             with pytest.raises(ValueError):
                 torch_cls(3, eps=eps)(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_input_with_float32_parameters_is_accepted_as_in_torch(dtype):
+    x = torch.randn(6, 3).to(dtype)
+    args = (torch.zeros(3), torch.ones(3), torch.rand(3) + 0.5, torch.randn(3))
+    ours = batch_norm(x, *[a.clone() for a in args], training=True)
+    ref = F.batch_norm(x, *[a.clone() for a in args], training=True)
+    assert ours.dtype == ref.dtype == dtype
+    torch.testing.assert_close(ours.float(), ref.float(), atol=2e-2, rtol=2e-2)

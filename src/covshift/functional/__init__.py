@@ -4,6 +4,8 @@ from covshift.functional.batchnorm import (
     BatchNormArgumentError,
     ChannelMismatchError,
     InputRankError,
+    MixedDtypeError,
+    UnsupportedDtypeError,
     batch_norm,
     update_running_stats,
 )
@@ -15,6 +17,8 @@ __all__ = [
     "BatchNormArgumentError",
     "ChannelMismatchError",
     "InputRankError",
+    "MixedDtypeError",
+    "UnsupportedDtypeError",
     # which implementation batch_norm runs: the fused CPU kernel or the plain PyTorch reference
     "set_backend",
     "get_backend",

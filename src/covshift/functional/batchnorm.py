@@ -61,6 +61,8 @@ __all__ = [
     "BatchNormArgumentError",
     "ChannelMismatchError",
     "InputRankError",
+    "MixedDtypeError",
+    "UnsupportedDtypeError",
 ]
 
 
@@ -72,6 +74,15 @@ class BatchNormArgumentError(ValueError, RuntimeError):
 class ChannelMismatchError(BatchNormArgumentError):
     """The input's channel count (dim 1) differs from the layer's ``num_features``, or a ``(C,)``
     argument has the wrong size. torch raises ``RuntimeError`` for the same mistake."""
+
+
+class UnsupportedDtypeError(TypeError, NotImplementedError):
+    """Input that is not floating point (integers, bool, complex): torch raises ``NotImplementedError``."""
+
+
+class MixedDtypeError(TypeError, RuntimeError):
+    """Parameters or statistics of another dtype than the input (other than float32 ones with float16 or
+    bfloat16 input, the mixed-precision case): torch raises ``RuntimeError``."""
 
 
 class InputRankError(BatchNormArgumentError, IndexError):
@@ -257,7 +268,8 @@ def update_running_stats(
     if running_var is not None:
         var = var * (count / (count - 1)) if count > 1 else var  # unbiased
     pairs = [(r, s) for r, s in ((running_mean, mean), (running_var, var)) if r is not None]
-    if not isinstance(momentum, Tensor) and all(r.dtype == s.dtype for r, s in pairs):
+    if not isinstance(momentum, Tensor) and not torch.compiler.is_compiling() and all(r.dtype == s.dtype for r, s in pairs):
+        # (not under compile: aot's partitioner has mis-ordered _foreach_lerp_ against reads of the buffers)
         torch._foreach_lerp_([r for r, _ in pairs], [s for _, s in pairs], momentum)  # one op for both
         return
     for r, s in pairs:
@@ -389,6 +401,19 @@ def _check_channels(name: str, t: Optional[Tensor], channels: int, where: str) -
         )
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _check_param(name: str, t: Tensor, input: Tensor) -> None:
+    """A ``(C,)`` argument whose size or dtype differs from the input's: raise unless it is allowed."""
+    _check_channels(name, t, input.shape[1], "batch_norm")
+    if t.dtype != input.dtype and not (input.dtype in _LOW_PRECISION and t.dtype == torch.float32):
+        raise MixedDtypeError(
+            f"batch_norm: {name} is {t.dtype} but the input is {input.dtype}; they must match (or be float32 "
+            f"with float16/bfloat16 input). Convert one of them, e.g. layer.to({input.dtype}) or input.to({t.dtype})."
+        )
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -422,6 +447,8 @@ def batch_norm(
     Raises:
         ValueError: a bad ``eps``; one value per channel in training.
         InputRankError: non-empty input of fewer than 2 dimensions (also torch's ``RuntimeError``).
+        UnsupportedDtypeError: input that is not floating point (also torch's ``NotImplementedError``).
+        MixedDtypeError: parameters of another dtype than the input (also torch's ``RuntimeError``).
         ChannelMismatchError: a ``(C,)`` argument of the wrong size (also ``RuntimeError``).
         BatchNormArgumentError: no running statistics in inference (also ``RuntimeError``).
     """
@@ -433,10 +460,14 @@ def batch_norm(
             f"batch_norm expected input of shape (N, C, *) with at least 2 dimensions, "
             f"got {input.dim()}D input of shape {list(input.shape)}. Add a batch dimension with input.unsqueeze(0)."
         )
+    if not input.is_floating_point():
+        raise UnsupportedDtypeError(
+            f"batch_norm needs floating-point input, got {input.dtype}; convert it first, e.g. input.float()."
+        )
     channels = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != channels:
-            _check_channels(name, t, channels, "batch_norm")
+        if t is not None and (t.numel() != channels or t.dtype is not input.dtype):
+            _check_param(name, t, input)
     if momentum is None:
         raise ValueError(
             "batch_norm got momentum=None; the functional form needs a number. "
