@@ -122,3 +122,15 @@ def test_channels_and_hist_range_must_name_watched_layers():
         ActivationMonitor(model, tensorboard=True)
     torch.manual_seed(0)  # nothing above consumed randomness or registered hooks
     assert not model[1]._forward_pre_hooks
+
+
+def test_reduce_is_per_rank_by_default_and_global_needs_a_process_group():
+    assert MonitorConfig().reduce == "rank"
+    with pytest.raises(ValueError, match="reduce"):
+        MonitorConfig(reduce="all")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    with pytest.raises(ValueError, match="init_process_group"):
+        ActivationMonitor(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), reduce="global")

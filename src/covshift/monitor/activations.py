@@ -41,15 +41,11 @@ the writers are in :mod:`covshift.monitor.io`.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
-import math
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -60,64 +56,11 @@ from covshift.monitor import io, stats
 from covshift.monitor.config import MonitorConfig
 from covshift.monitor.flush import Pending
 from covshift.monitor.records import ChannelStats, Histograms, Layer, MonitorRecords, RecordKey
+from covshift.monitor.hooks import _cuda_devices, _first_float_tensor, suspend_monitors, suspended
 from covshift.monitor.selection import select_modules
+from covshift.monitor.writer import RunWriter
 
 __all__ = ["ActivationMonitor", "suspend_monitors"]
-
-_SUSPENDED: contextvars.ContextVar[int] = contextvars.ContextVar("covshift_monitor_suspended", default=0)
-
-
-@contextlib.contextmanager
-def suspend_monitors() -> Iterator[None]:
-    """Forwards run inside this block are recorded by no :class:`ActivationMonitor`.
-
-    :func:`covshift.monitor.gradient_ics` uses it for its extra forwards; use it for your own
-    extra forwards (a validation pass in training mode, say) during an armed step.
-    """
-    token = _SUSPENDED.set(_SUSPENDED.get() + 1)
-    try:
-        yield
-    finally:
-        _SUSPENDED.reset(token)
-
-
-def _first_float_tensor(obj: Any) -> Optional[Tensor]:
-    """The first floating-point tensor in ``obj``, depth-first through tuples, lists and dicts."""
-    if isinstance(obj, Tensor):
-        return obj if obj.is_floating_point() else None
-    if isinstance(obj, (tuple, list)):
-        items = obj
-    elif isinstance(obj, Mapping):
-        items = obj.values()
-    else:
-        return None
-    for item in items:
-        t = _first_float_tensor(item)
-        if t is not None:
-            return t
-    return None
-
-
-@contextlib.contextmanager
-def _one_cpu_thread() -> Iterator[None]:
-    # The flush runs many small ops on (R, n) samples. Split over intra-op threads they gain
-    # nothing, and on a busy machine each one waits for a descheduled worker (we measured the
-    # MLP's every=1 overhead going from ~40% to ~460% with 2 threads under load). The setting
-    # is OpenMP's per-calling-thread one; it is restored on exit.
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def _cuda_devices(model: nn.Module) -> list[int]:
-    return sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
-
 
 class ActivationMonitor:
     """Watches activations of ``model`` while the user's loop trains it.
@@ -204,12 +147,11 @@ class ActivationMonitor:
         if self._probe is not None:
             declared += [dataclasses.replace(k, probe=True) for k in declared]
         self._declared = declared
-        self.records = MonitorRecords(declared)
 
         # distributed: merge across ranks at flush; only rank 0 writes
         self._group = process_group
         self._global = config.reduce == "global"
-        self._writer_rank = True
+        writer_rank = True
         if self._global:
             import torch.distributed as dist
 
@@ -219,24 +161,13 @@ class ActivationMonitor:
                     "reduce='global', got none. Call torch.distributed.init_process_group() first, "
                     "or use reduce='rank' (per-process statistics)."
                 )
-            self._writer_rank = dist.get_rank(process_group) == 0
-
-        # files
-        self.log_dir = None if log_dir is None or not self._writer_rank else Path(log_dir)
-        self._jsonl: Optional[io.JsonlWriter] = None
-        self._tb: Optional[io.TensorBoardWriter] = None
-        self._tensorboard = tensorboard and self.log_dir is not None
-        self._edges: dict[RecordKey, np.ndarray] = {}  # fixed edges per key (float64, representable)
-        if self.log_dir is not None:
-            previous = io.prepare_log_dir(self.log_dir, if_exists)
-            if previous is not None:
-                previous.declare(declared)
-                self.records = previous
-                self._edges.update({k: previous.histograms(k).edges for k in previous.histogram_keys()})
-            self._jsonl = io.JsonlWriter(self.log_dir / io.JSONL_NAME)
-        self._meta_written = False
-        self._last_npz = -math.inf
-        self._npz_dirty = False
+            writer_rank = dist.get_rank(process_group) == 0
+        self._writer = RunWriter(
+            declared, log_dir if writer_rank else None, if_exists, tensorboard, config.histogram_write_interval
+        )
+        self.log_dir = self._writer.log_dir
+        self._writer_rank = writer_rank
+        self._edges = _flush_mod.Edges(dict(self._writer.edges))
 
         # recording state
         self._step = int(start_step)
@@ -252,9 +183,6 @@ class ActivationMonitor:
         self._in_opt_hook = False
         self._positions: dict[tuple[int, torch.device], Tensor] = {}
         self._keys: dict[tuple[str, int, bool], RecordKey] = {}  # (module, call, probe) -> key
-        # The fast path (stats.record in the hook) needs a key's edges as a tensor, and per-rank
-        # statistics (reduce="global" merges samples, so it keeps them).
-        self._edges_t: dict[RecordKey, Tensor] = {}
         self._threshold = float(config.saturation_threshold)
         self._qs = [float(q) for q in config.percentiles]
         self._warned_idle = False
@@ -328,11 +256,7 @@ class ActivationMonitor:
         self.__exit__(None, None, None)
 
     def _close_files(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        self._writer.close()
 
     # -- the training loop's side ----------------------------------------------------------
     @property
@@ -396,8 +320,7 @@ class ActivationMonitor:
                 otherwise rewritten at most every ``histogram_write_interval`` seconds).
         """
         self._flush(force_npz=write_histograms)
-        if self._tb is not None:
-            self._tb.flush()
+        self._writer.flush()
 
     # -- hooks -----------------------------------------------------------------------------
     def _root_enter(self, module: nn.Module, args: tuple) -> None:
@@ -407,7 +330,7 @@ class ActivationMonitor:
             self._recording = (
                 self._armed
                 and (module.training or self.config.record_eval)
-                and _SUSPENDED.get() == 0
+                and not suspended()
             )
         if self._recording:
             self._calls = {}
@@ -466,7 +389,7 @@ class ActivationMonitor:
             if positions is None:
                 positions = stats.sample_positions(n, self.config.sample_size, self.config.seed, x.device)
                 self._positions[pkey] = positions
-        edges = self._edges_t.get(key)
+        edges = None if self._global else self._edges.tensors.get(key)
         if edges is not None and n and stats.fused_available(x):
             # The fast path: every statistic now, in one fused call; no copy of x is kept.
             row = torch.ops.covshift_monitor.record(
@@ -501,86 +424,35 @@ class ActivationMonitor:
                     b.copy_(saved)
 
     # -- flush: device -> host, then files -------------------------------------------------
+    @property
+    def records(self) -> MonitorRecords:
+        """Everything recorded so far (flushed), by record key and step."""
+        return self._writer.records
+
     def _flush(self, force_npz: bool) -> None:
         pending, self._pending = self._pending, []
         self._pending_steps = 0
-        if self._global:
-            self._flush_global(pending)
-        elif pending:
-            with _one_cpu_thread():
-                slow = [p for p in pending if p.row is None]
-                fast = [p for p in pending if p.row is not None]
-                parts = []
-                if slow:
-                    self._edges.update(_flush_mod.decide_edges(slow, self._edges, self.config))
-                    ls = _flush_mod.layer_stats(slow, self._edges, self.config)
-                    parts.append(_flush_mod.finish(ls, self._edges, self.config))
-                if fast:
-                    parts.append(_flush_mod.finish_rows(fast, self._edges, self.config))
-                self._write(_flush_mod.concat(parts))
-                for key in self._edges.keys() - self._edges_t.keys():
-                    self._edges_t[key] = torch.as_tensor(self._edges[key], dtype=torch.float64)
-        if self.log_dir is None:
-            return
-        now = time.monotonic()
-        if self._npz_dirty and (force_npz or now - self._last_npz >= self.config.histogram_write_interval):
-            io.write_histograms(self.log_dir / io.NPZ_NAME, self.records)
-            self._last_npz, self._npz_dirty = now, False
-
-    def _flush_global(self, pending: list[Pending]) -> None:
-        # Every rank calls this with the same records in the same order (the same modules at the
-        # same steps). New keys take rank 0's edges (one broadcast, once per key in the run); then
-        # one collective per flush: merge_across_ranks.
-        import torch.distributed as dist
-
-        from covshift.monitor.distributed import merge_across_ranks
-
-        # (A rank with a different set of records makes merge_across_ranks raise on every rank.)
-        if not pending:
-            return
-        with _one_cpu_thread():
-            new = _flush_mod.decide_edges(pending, self._edges, self.config)
-            if any(p.key not in self._edges for p in pending):
-                box = [new]
-                src = dist.get_global_rank(self._group, 0) if self._group is not None else 0
-                dist.broadcast_object_list(box, src=src, group=self._group)
-                new = box[0]
-            self._edges.update(new)
-            ls = _flush_mod.layer_stats(pending, self._edges, self.config)
-            ls = merge_across_ranks(ls, group=self._group, sample_width=self.config.sample_size)
-            batch = _flush_mod.finish(ls, self._edges, self.config)
-        if self._writer_rank:
-            self._write(batch)
-
-    def _write(self, batch: _flush_mod.RecordBatch) -> None:
-        """Hand one flush's records to the in-memory records and to every writer."""
-        self.records.add_batch(batch)
-        if self._jsonl is not None:
-            self._jsonl.write_lines(io.batch_lines(batch))
-        if self._tensorboard:
-            if self._tb is None:
-                self._tb = io.TensorBoardWriter(self.log_dir)  # type: ignore[arg-type]
-            self._tb.write_batch(batch)
-        self._npz_dirty = True
+        batch = _flush_mod.flush_pending(
+            pending, self._edges, self.config, group=self._group if self._global else None,
+            distributed=self._global,
+        )
+        if batch is not None and self._writer_rank:  # under reduce="global", rank 0 only
+            self._writer.write(batch)
+        self._writer.write_histograms(force_npz)
 
     def _write_meta(self) -> None:
-        if self.log_dir is None or self._meta_written:
-            return
         from covshift import __version__
 
-        io.write_json_atomic(
-            self.log_dir / io.META_NAME,
+        self._writer.write_meta(
             {
-                "format": io.FORMAT,
                 "covshift_version": __version__,
                 "model": type(self.model).__name__,
                 "modules": self.modules,
                 "layers": [str(k) for k in self._declared],
                 "keys": [io.key_fields(k) for k in self._declared],
                 "config": self.config.to_dict(),
-            },
+            }
         )
-        self._meta_written = True
 
     # -- views (they flush pending results first) ------------------------------------------
     def _ready(self) -> MonitorRecords:

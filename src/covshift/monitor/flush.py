@@ -33,11 +33,12 @@ from torch import Tensor
 
 from covshift.monitor import stats
 from covshift.monitor.config import MonitorConfig
+from covshift.monitor.hooks import _one_cpu_thread
 from covshift.monitor.records import RecordKey
 
 __all__ = [
-    "Pending", "LayerStats", "RecordBatch", "stat_names", "decide_edges", "layer_stats", "finish",
-    "finish_rows", "concat",
+    "Pending", "LayerStats", "RecordBatch", "Edges", "stat_names", "decide_edges", "layer_stats",
+    "finish", "finish_rows", "concat", "flush_pending",
 ]
 
 
@@ -408,3 +409,63 @@ def _assemble(
         hist=np.asarray(hist).astype(np.int64)[o], edges={key: edges[key] for key in keys},
         channel_mean=[c_mean[i] for i in ol], channel_std=[c_std[i] for i in ol],
     )
+
+
+class Edges(dict):
+    """The fixed histogram edges of each record key (``{key: (B + 1,) float64}``), with a cache of
+    them as CPU tensors (:attr:`tensors`) for the hook's fast path."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.tensors: dict[RecordKey, Tensor] = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in self.items()}
+
+    def add(self, new: Mapping[RecordKey, np.ndarray]) -> None:
+        for k, v in new.items():
+            self[k] = v
+            self.tensors[k] = torch.as_tensor(v, dtype=torch.float64)
+
+
+def flush_pending(
+    pending: Sequence[Pending],
+    edges: Edges,
+    config: MonitorConfig,
+    *,
+    distributed: bool = False,
+    group: object = None,
+) -> Optional[RecordBatch]:
+    """One flush: the pending records -> one :class:`RecordBatch` (None when there are none).
+
+    Per rank: records measured whole in the hook go through :func:`finish_rows`; the others
+    through :func:`decide_edges`, :func:`layer_stats` and :func:`finish`. With ``distributed``
+    (``reduce="global"``): every rank must call this with the same records in the same order;
+    new keys take rank 0's edges (one broadcast, once per key in the run), then one collective,
+    :func:`covshift.monitor.distributed.merge_across_ranks`, and every rank gets the merged batch.
+    ``edges`` gains the new keys' edges.
+    """
+    if not pending:
+        return None
+    with _one_cpu_thread():
+        if distributed:
+            import torch.distributed as dist
+
+            from covshift.monitor.distributed import merge_across_ranks
+
+            new = decide_edges(pending, edges, config)
+            if new or any(p.key not in edges for p in pending):
+                box = [new]
+                src = 0 if group is None else dist.get_global_rank(group, 0)  # type: ignore[arg-type]
+                dist.broadcast_object_list(box, src=src, group=group)  # type: ignore[arg-type]
+                new = box[0]
+            edges.add(new)
+            ls = layer_stats(pending, edges, config)
+            ls = merge_across_ranks(ls, group=group, sample_width=config.sample_size)  # type: ignore[arg-type]
+            return finish(ls, edges, config)
+        slow = [p for p in pending if p.row is None]
+        fast = [p for p in pending if p.row is not None]
+        parts = []
+        if slow:
+            edges.add(decide_edges(slow, edges, config))
+            parts.append(finish(layer_stats(slow, edges, config), edges, config))
+        if fast:
+            parts.append(finish_rows(fast, edges, config))
+        return concat(parts)

@@ -1,0 +1,76 @@
+"""Small pieces the monitor's hooks share with the other instruments (gradient ICS, signal propagation).
+
+* :func:`suspend_monitors`: forwards inside it are recorded by no monitor;
+* :func:`_first_float_tensor`: what a hook measures in a module's arguments or output;
+* :func:`_one_cpu_thread`, :func:`_cuda_devices`: the flush's thread setting, the RNG devices to fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["suspend_monitors", "suspended"]
+
+_SUSPENDED: contextvars.ContextVar[int] = contextvars.ContextVar("covshift_monitor_suspended", default=0)
+
+
+@contextlib.contextmanager
+def suspend_monitors() -> Iterator[None]:
+    """Forwards run inside this block are recorded by no :class:`ActivationMonitor`.
+
+    :func:`covshift.monitor.gradient_ics` uses it for its extra forwards; use it for your own
+    extra forwards (a validation pass in training mode, say) during an armed step.
+    """
+    token = _SUSPENDED.set(_SUSPENDED.get() + 1)
+    try:
+        yield
+    finally:
+        _SUSPENDED.reset(token)
+
+
+def _first_float_tensor(obj: Any) -> Optional[Tensor]:
+    """The first floating-point tensor in ``obj``, depth-first through tuples, lists and dicts."""
+    if isinstance(obj, Tensor):
+        return obj if obj.is_floating_point() else None
+    if isinstance(obj, (tuple, list)):
+        items = obj
+    elif isinstance(obj, Mapping):
+        items = obj.values()
+    else:
+        return None
+    for item in items:
+        t = _first_float_tensor(item)
+        if t is not None:
+            return t
+    return None
+
+
+@contextlib.contextmanager
+def _one_cpu_thread() -> Iterator[None]:
+    # The flush runs many small ops on (R, n) samples. Split over intra-op threads they gain
+    # nothing, and on a busy machine each one waits for a descheduled worker (we measured the
+    # MLP's every=1 overhead going from ~40% to ~460% with 2 threads under load). The setting
+    # is OpenMP's per-calling-thread one; it is restored on exit.
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+
+
+def suspended() -> bool:
+    """Whether the caller is inside :func:`suspend_monitors`."""
+    return _SUSPENDED.get() != 0
