@@ -236,3 +236,41 @@ def test_to_host_groups_by_dtype_and_restores_shapes():
     for t, o in zip(ts, out):
         np.testing.assert_array_equal(o, t.numpy())
         assert o.shape == tuple(t.shape)
+
+
+def _record_cases():
+    g = torch.Generator().manual_seed(7)
+    uniform = stats.fixed_edges(-2.0, 2.0, 16, torch.float32)
+    # bins a few ulps wide at 1000: the edges are far from evenly spaced in float32, so the
+    # vectorized guess is off by more than one bin and the scalar path must take over
+    uneven = stats.fixed_edges(1000.0, 1000.0 + 64 * 2e-4, 64, torch.float32)
+    on_edges = torch.tensor(uniform, dtype=torch.float32)[torch.randint(0, 17, (3001,), generator=g)]
+    near = 1000.0 + torch.rand(5000, generator=g) * 64 * 2.4e-4 - 1e-3
+    return [
+        ("randn", torch.randn(7, 999, generator=g), uniform),
+        ("values on every edge", on_edges, uniform),
+        ("uneven edges", near, uneven),
+        ("relu zeros", torch.relu(torch.randn(4000, generator=g)), uniform),
+        ("poisoned", _poison(torch.randn(2000, generator=g)), uniform),
+    ]
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["every value", "sampled"])
+@pytest.mark.parametrize("case", range(5), ids=[c[0] for c in _record_cases()])
+def test_record_cpp_equals_reference_and_brute_force(case, sampled):
+    _need(True)
+    _, x, edges = _record_cases()[case]
+    pos = stats.sample_positions(x.numel(), 500, 1, torch.device("cpu")) if sampled else None
+    e = torch.tensor(edges)
+    a = stats.record(x, pos, e, 2.5, QS, use_extension=True)
+    b = stats.record(x, pos, e, 2.5, QS, use_extension=False)
+    torch.testing.assert_close(a[[0, 3, 4, 5]], b[[0, 3, 4, 5]], rtol=0, atol=0)
+    torch.testing.assert_close(a[6:], b[6:], rtol=0, atol=0, equal_nan=True)  # counts, histogram, percentiles
+    torch.testing.assert_close(a[1:3], b[1:3], rtol=1e-6, atol=1e-6)
+    s = (x.reshape(-1) if pos is None else x.reshape(-1)[pos]).numpy()
+    f = s[np.isfinite(s)]
+    B = len(edges) - 1
+    want = np.concatenate([[(f < edges[0]).sum()], np.histogram(f, edges)[0], [(f > edges[-1]).sum()]])
+    np.testing.assert_array_equal(a[9 : 9 + B + 2].numpy(), want)
+    np.testing.assert_allclose(a[9 + B + 2 :].numpy(), np.percentile(f.astype(np.float64), QS), rtol=1e-12)
+    assert a[8] == f.size and a[6] == (np.abs(f) > 2.5).sum() and a[7] == (f <= 0).sum()

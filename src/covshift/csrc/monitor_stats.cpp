@@ -82,8 +82,9 @@ inline bool finite(T v) {
 }
 
 // Two passes over one chunk held in cache: sum and range, then squared deviations from the chunk's
-// mean. The fast path is vectorized in the input type (at most kChunk values per partial sum, so
-// rounding does not grow with the tensor); a chunk holding a non-finite value takes the scalar path.
+// mean. The fast path is vectorized in the input type, each lane summing at most 16 values before
+// the partial sums are folded into double (so rounding does not grow with the tensor, nor cancel
+// when |mean| >> std); a chunk holding a non-finite value takes the scalar path.
 template <typename T>
 Moments chunk_moments_scalar(const T* x, int64_t len) {
   Moments m;
@@ -122,20 +123,25 @@ Moments chunk_moments(const T* x, int64_t len) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   if (len < 4 * W) return chunk_moments_scalar(x, len);
-  V s0(0), s1(0), z(0), lo(std::numeric_limits<T>::infinity()), hi(-std::numeric_limits<T>::infinity());
-  int64_t i = 0;
-  for (; i + 2 * W <= len; i += 2 * W) {
-    const V a = V::loadu(x + i), b = V::loadu(x + i + W);
-    s0 = s0 + a;
-    s1 = s1 + b;
-    z = z + (a - a) + (b - b);  // NaN as soon as one value is NaN or infinite
-    lo = at::vec::minimum(lo, at::vec::minimum(a, b));
-    hi = at::vec::maximum(hi, at::vec::maximum(a, b));
-  }
+  V z(0), lo(std::numeric_limits<T>::infinity()), hi(-std::numeric_limits<T>::infinity());
   T buf[W];
-  (s0 + s1).store(buf);
   double sum = 0;
-  for (int64_t j = 0; j < W; ++j) sum += buf[j];
+  int64_t i = 0;
+  // partial sums in T over blocks of kFold vector pairs (2 kFold values per lane), then in double
+  constexpr int64_t kFold = 8;
+  while (i + 2 * W <= len) {
+    V s0(0), s1(0);
+    for (int64_t f = 0; f < kFold && i + 2 * W <= len; ++f, i += 2 * W) {
+      const V a = V::loadu(x + i), b = V::loadu(x + i + W);
+      s0 = s0 + a;
+      s1 = s1 + b;
+      z = z + (a - a) + (b - b);  // NaN as soon as one value is NaN or infinite
+      lo = at::vec::minimum(lo, at::vec::minimum(a, b));
+      hi = at::vec::maximum(hi, at::vec::maximum(a, b));
+    }
+    (s0 + s1).store(buf);
+    for (int64_t j = 0; j < W; ++j) sum += buf[j];
+  }
   z.store(buf);
   T zt = 0;
   for (int64_t j = 0; j < W; ++j) zt += buf[j];
@@ -157,29 +163,34 @@ Moments chunk_moments(const T* x, int64_t len) {
   m.mean = sum / m.n;
   m.mn = mn;
   m.mx = mx;
-  const V mean(static_cast<T>(m.mean));
-  V q0(0), q1(0);
+  // Second pass on the data shifted by the first-pass mean rounded to T, c: with d = x - c,
+  // sum (x - mean)^2 = S2 - S1^2 / n and mean = c + S1 / n exactly, whatever error the first pass's
+  // sum had (d is small, so both sums are accurate).
+  const T c = static_cast<T>(m.mean);
+  const V vc(c);
+  double s1 = 0, s2 = 0;
   i = 0;
-  for (; i + 2 * W <= len; i += 2 * W) {
-    const V a = V::loadu(x + i) - mean, b = V::loadu(x + i + W) - mean;
-    q0 = at::vec::fmadd(a, a, q0);
-    q1 = at::vec::fmadd(b, b, q1);
+  while (i + 2 * W <= len) {
+    V q0(0), q1(0), l0(0), l1(0);
+    for (int64_t f = 0; f < kFold && i + 2 * W <= len; ++f, i += 2 * W) {
+      const V a = V::loadu(x + i) - vc, b = V::loadu(x + i + W) - vc;
+      l0 = l0 + a;
+      l1 = l1 + b;
+      q0 = at::vec::fmadd(a, a, q0);
+      q1 = at::vec::fmadd(b, b, q1);
+    }
+    (q0 + q1).store(buf);
+    for (int64_t j = 0; j < W; ++j) s2 += buf[j];
+    (l0 + l1).store(buf);
+    for (int64_t j = 0; j < W; ++j) s1 += buf[j];
   }
-  (q0 + q1).store(buf);
-  double m2 = 0;
-  for (int64_t j = 0; j < W; ++j) m2 += buf[j];
-  // the partial sums above are around the mean rounded to T; shift them to the exact mean
-  const double shift = static_cast<double>(static_cast<T>(m.mean)) - m.mean;
-  double tail_sum = 0;
   for (int64_t j = i; j < len; ++j) {
-    const double d = static_cast<double>(x[j]) - m.mean;
-    m2 += d * d;
-    tail_sum += d;
+    const double d = static_cast<double>(x[j]) - static_cast<double>(c);
+    s1 += d;
+    s2 += d * d;
   }
-  // sum over the vector part of (x - mean_T)^2 = sum (x - mean)^2 - 2 shift sum (x - mean) + i shift^2,
-  // and sum over all of (x - mean) = 0, so sum over the vector part of (x - mean) = -tail_sum
-  m2 = m2 + 2 * shift * (-tail_sum) - static_cast<double>(i) * shift * shift;
-  m.m2 = std::max(m2, 0.0);
+  m.mean = static_cast<double>(c) + s1 / m.n;
+  m.m2 = std::max(s2 - s1 * s1 / m.n, 0.0);
   return m;
 }
 
