@@ -40,6 +40,14 @@ def short_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 60-step run in this process: the reference the executors and resume tests compare with."""
+    out = tmp_path_factory.mktemp("runs") / "fig1-tiny"
+    assert main(["run", "fig1", *TINY, "--parallel", "no", "--out", str(out)]) == 0
+    return out
+
+
 @pytest.mark.slow
 def test_run_writes_every_output(short_run):
     meta = json.loads((short_run / "config.json").read_text())
@@ -99,9 +107,8 @@ def test_report_rebuilds_the_same_report_without_training(short_run, capsys):
 
 
 @pytest.mark.slow
-def test_same_seed_gives_identical_metrics_in_processes(tmp_path):
-    a, b = tmp_path / "serial", tmp_path / "processes"
-    assert main(["run", "fig1", *TINY, "--parallel", "no", "--out", str(a)]) == 0
+def test_same_seed_gives_identical_metrics_in_processes(tiny_run, tmp_path):
+    a, b = tiny_run, tmp_path / "processes"
     assert main(["run", "fig1", *TINY, "--parallel", "yes", "--workers", "2", "--out", str(b)]) == 0
     assert json.loads((b / "config.json").read_text())["workers"] == 2
     for arm in ("no-bn", "bn"):
@@ -111,9 +118,9 @@ def test_same_seed_gives_identical_metrics_in_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_skips_complete_units_and_restarts_partial_ones(tmp_path, capsys):
+def test_resume_skips_complete_units_and_restarts_partial_ones(tiny_run, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", "fig1", *TINY, "--parallel", "no", "--out", str(out)]) == 0
+    shutil.copytree(tiny_run, out)
     first = _metrics(out / "bn" / "seed0")
     stamp = (out / "no-bn" / "seed0" / "metrics.jsonl").stat().st_mtime_ns
     capsys.readouterr()
@@ -135,9 +142,11 @@ def test_resume_skips_complete_units_and_restarts_partial_ones(tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_seeds_give_intervals_and_report_merges_units_from_elsewhere(tmp_path, capsys):
+def test_seeds_give_intervals_and_report_merges_units_from_elsewhere(tiny_run, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_run, a)  # seed 0 is there: --seeds 0,1 adds seed 1 only
     assert main(["run", "fig1", *TINY, "--seeds", "0,1", "--parallel", "no", "--out", str(a)]) == 0
+    assert "2 complete unit(s) kept" in capsys.readouterr().err
     s = json.loads((a / "summary.json").read_text())
     for arm in ("no-bn", "bn"):
         m = s["metrics"][arm]["final_test_acc"]
@@ -154,13 +163,12 @@ def test_seeds_give_intervals_and_report_merges_units_from_elsewhere(tmp_path, c
 
 
 @pytest.mark.slow
-def test_ray_executor_on_a_local_two_cpu_instance(tmp_path):
+def test_ray_executor_on_a_local_two_cpu_instance(tiny_run, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is the optional extra covshift[ray]")
     from importlib.metadata import version
 
     assert version("torch") == torch.__version__ == "2.13.0+cpu", "installing Ray must leave the pinned torch alone"
-    serial = tmp_path / "serial"
-    assert main(["run", "fig1", *TINY, "--parallel", "no", "--out", str(serial)]) == 0
+    serial = tiny_run
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         out = tmp_path / "ray"

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from covshift._io import atomic_write_json
-from covshift.experiments.config import ConfigError, ExperimentConfig
+from covshift.experiments.config import EXECUTION_FIELDS, ConfigError, ExperimentConfig
 from covshift.experiments.declaration import Experiment, Unit, UnitContext
 
 __all__ = ["run_unit", "unit_state", "run_serial", "run_processes", "run_ray", "UnitFailed", "UnitProgress"]
@@ -68,7 +68,11 @@ def unit_state(run_dir: Path, unit: Unit, config: ExperimentConfig) -> tuple[str
         desc = json.loads((d / "unit.json").read_text())
     except (OSError, json.JSONDecodeError):
         return "partial", {}
-    same = desc.get("config") == _json_norm(config.to_dict())
+    # Where and how it ran (run directory, executor, workers) may differ: a unit copied in from
+    # another machine, or a run directory moved, is still complete.
+    skip = set(EXECUTION_FIELDS) - {"seeds"}
+    want = {k: v for k, v in _json_norm(config.to_dict()).items() if k not in skip}
+    same = {k: v for k, v in desc.get("config", {}).items() if k not in skip} == want
     return ("complete" if status.get("status") == "complete" and same else "partial"), {**status, "same_config": same}
 
 
