@@ -197,8 +197,13 @@ def _grid_by_arm(run, rows: dict[str, str], series: Callable, title: str, refere
         return None
     fig.suptitle(title, fontsize=12)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=10, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    # As many legend columns as fit the figure's width (about 11 characters per inch at this size).
+    width = fig.get_figwidth()
+    longest = max((len(l) for l in labels), default=1) + 6
+    ncol = max(1, min(len(labels), int(width * 11 // longest)))
+    nrows = -(-len(labels) // ncol) if labels else 0
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=10, frameon=False)
+    fig.tight_layout(rect=(0, 0.035 * nrows / max(len(rows) / 4, 0.5) + 0.01, 1, 0.97))
     return fig
 
 
