@@ -180,7 +180,7 @@ def _monitored_run(rank, log_dir, reduce="global"):
 
     model = _mlp()
     mon = ActivationMonitor(
-        model, every=1, reduce=reduce, log_dir=log_dir, hist_range=(-3.0, 3.0), hist_bins=12
+        model, every=1, reduce=reduce, log_dir=log_dir, hist_range=(-3.0, 3.0), hist_bins=12, per_channel=True
     )
     with mon:
         for step, split in enumerate(MON_SPLITS):

@@ -216,7 +216,9 @@ def channel_moments(x: Tensor) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     c_mean = x.mean(dims)  # (C,)
     cd = x - c_mean.reshape(1, -1, *([1] * (x.dim() - 2)))  # (N, C, *)
     c_var = cd.square_().mean(dims)  # (C,)
-    return c_mean, c_var, x.amax(dims)
+    # amax of an empty batch (an empty shard under reduce="global") raises: -inf is the max of nothing
+    c_max = x.amax(dims) if x.shape[0] else torch.full((x.shape[1],), -math.inf, dtype=x.dtype, device=x.device)
+    return c_mean, c_var, c_max
 
 
 def fused_available(x: Tensor) -> bool:
