@@ -38,8 +38,6 @@ setting.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import os
 import platform
 import shlex
@@ -50,29 +48,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
+import harness  # noqa: E402 - pins glibc malloc before torch allocates anything
 
+_MALLOC = harness.MALLOC
 
-def pin_malloc() -> str:
-    """Fix glibc malloc's adaptive behaviour for the whole run; returns what was done."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return "malloc not pinned (no glibc mallopt)"
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # Blocks below 32 MiB (the largest fixed threshold glibc allows) come from the heap, freed
-    # memory is never returned to the OS, one arena: the allocator does the same thing every block.
-    ok = all(
-        mallopt(p, v)
-        for p, v in ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20), (_M_ARENA_MAX, 1))
-    )
-    return "glibc malloc pinned (mmap threshold 32 MiB, no trim, top pad 64 MiB, 1 arena)" if ok else "mallopt refused"
-
-
-_MALLOC = pin_malloc()  # before torch allocates anything
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
