@@ -75,18 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads((RUNS / "fig1-1seed" / "config.json").read_text())
     lines = [
         f"Measured by `make results` (scripts/fig1_results.py) on {os.cpu_count()} cores ({platform.machine()}, {platform.system()}), "
-        f"torch {meta['versions']['torch']}, full MNIST; load average (1/5/15 min) before the runs "
-        f"{one.get('load_before', '?')} and {five.get('load_before', '?')}.",
+        f"torch {meta['versions']['torch']}, full MNIST. The load average (1/5/15 min, other work on the machine) is beside "
+        "each run: timings on a loaded machine are inflated.",
         "",
-        "| command | wall time (whole command, report included) | units | mean seconds per unit | ms per step (no BN / BN) |",
-        "|---|---|---|---|---|",
+        "| command | wall time (whole command, report included) | units | mean seconds per unit | ms per step (no BN / BN) | load average |",
+        "|---|---|---|---|---|---|",
     ]
     for rec, out in ((one, RUNS / "fig1-1seed"), (five, RUNS / "fig1-5seeds")):
         units = _units(out)
         by_arm = {a: [u["ms_per_step"] for u in units if u["unit"].startswith(a + "/")] for a in ("no-bn", "bn")}
         ms = " / ".join(f"{sum(v) / len(v):.2f}" for v in by_arm.values() if v)
         lines.append(f"| `{rec.get('command', '?')}` | {rec.get('wall_seconds', '?')} s | {len(units)} | "
-                     f"{sum(u['seconds'] for u in units) / max(len(units), 1):.1f} | {ms} |")
+                     f"{sum(u['seconds'] for u in units) / max(len(units), 1):.1f} | {ms} | before {rec.get('load_before', '?')}; after {rec.get('load_after', '?')} |")
     if one.get("wall_seconds") and five.get("wall_seconds"):
         lines += ["", f"Five seeds take {five['wall_seconds'] / one['wall_seconds']:.2f}x one seed (the goal: at most 5x, plus the report)."]
     (ROOT / "docs" / "results" / "fig1_timing.md").write_text("\n".join(lines) + "\n")
