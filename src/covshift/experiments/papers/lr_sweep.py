@@ -10,8 +10,12 @@ training loss, which stops the run, or a final test loss that is not finite or a
 
 "Trains at a rate" is defined before the run: at every seed, the run did not diverge and its final
 test accuracy is at least ``trains_threshold`` (0.5, five times chance on ten classes). The largest
-trainable rate is read off the grid, so a ratio of largest rates is known to within a factor of
-:math:`\\sqrt{10}` on either side.
+trainable rate is read off the grid, so it is only bracketed: between the largest rate that trained
+``L`` and the next rate of the grid ``F`` (which did not). The claim "BN's largest rate is at least
+10x the plain network's" is held when even the lowest ratio the brackets allow, ``L_BN / F_plain``,
+is at least 10; did not hold when the highest, ``F_BN / L_plain``, is at most 10; otherwise the grid
+cannot tell. Runs that end with a finite loss below the threshold ("failed to train", e.g. stuck at
+chance) are counted apart from divergences, both as counts of seeds.
 
 Choices (not from the papers): MNIST and an MLP instead of CIFAR-10 and ResNet-110; no momentum,
 no weight decay, no schedule; 1,000 steps of 60 examples (one epoch) per rate.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+import enum
 from typing import Optional
 
 import numpy as np
@@ -31,7 +36,15 @@ from covshift.experiments.papers.common import doc_field, he_mlp, not_evaluated,
 from covshift.experiments.papers.plotting import arm_color, new_figure, sweep_band
 from covshift.experiments.registry import register
 
-__all__ = ["LR_SWEEP", "LrSweepConfig", "lr_unit", "largest_trainable"]
+__all__ = ["LR_SWEEP", "LrSweepConfig", "lr_unit", "largest_trainable", "bracket", "ratio_verdict", "Outcome", "outcome_counts"]
+
+
+class Outcome(enum.Enum):
+    """How one run at one rate ended."""
+
+    TRAINED = "trained"  # finite loss, final test accuracy >= trains_threshold
+    FAILED = "failed to train"  # finite loss, but final test accuracy below the threshold (e.g. stuck at chance)
+    DIVERGED = "diverged"  # a non-finite loss, or a final test loss not finite or above 100 ln 10
 
 
 @dataclass
@@ -59,43 +72,92 @@ def lr_unit(ctx: UnitContext) -> dict:
     return {"lr": cfg.lr, "diverged": res.diverged, "steps_taken": res.steps, "test_acc": res.test_acc, "test_loss": res.test_loss, "seconds": res.seconds}
 
 
-def _trained(u, threshold: float) -> bool:
+def _outcome(u, threshold: float) -> Outcome:
+    r = u.status.get("result") or {}
+    if r.get("diverged", True):
+        return Outcome.DIVERGED
     acc = _result(u, "test_acc")
-    return not (u.status.get("result") or {}).get("diverged", True) and acc is not None and acc >= threshold
+    return Outcome.TRAINED if acc is not None and acc >= threshold else Outcome.FAILED
 
 
-def largest_trainable(run, arm: str) -> tuple[Optional[float], int, list[float]]:
-    """``(largest rate trained at every seed, number of seeds, the grid)``; ``None`` when no rate trains."""
+def _trained(u, threshold: float) -> bool:
+    return _outcome(u, threshold) is Outcome.TRAINED
+
+
+def trained_at(run, arm: str) -> tuple[dict[float, bool], int]:
+    """``({rate: trained at every seed}, number of seeds)`` over the grid's rates that ``arm`` ran."""
     threshold = run.config.trains_threshold
-    grid, best, seeds = [], None, 0
+    out, seeds = {}, 0
     for p in run.points():
         lr = dict(p).get("lr")
         us = run.units_of(arm, p)
         if lr is None or not us:
             continue
-        grid.append(lr)
         seeds = max(seeds, len(us))
-        if all(_trained(u, threshold) for u in us) and (best is None or lr > best):
-            best = lr
-    return best, seeds, sorted(grid)
+        out[float(lr)] = all(_trained(u, threshold) for u in us)
+    return out, seeds
+
+
+def largest_trainable(run, arm: str) -> tuple[Optional[float], int, list[float]]:
+    """``(largest rate trained at every seed, number of seeds, the grid)``; ``None`` when no rate trains."""
+    trained, seeds = trained_at(run, arm)
+    best = max((lr for lr, ok in trained.items() if ok), default=None)
+    return best, seeds, sorted(trained)
+
+
+def bracket(trained: dict[float, bool]) -> tuple[Optional[float], float]:
+    """``(L, F)``: the largest rate of the grid that trained and the next rate of the grid above it
+    (which did not train; ``inf`` when ``L`` is the grid's largest). The true largest trainable rate
+    lies in ``[L, F)``. ``L`` is ``None`` when no rate trained."""
+    grid = sorted(trained)
+    ok = [lr for lr in grid if trained[lr]]
+    if not ok:
+        return None, math.inf
+    largest = ok[-1]
+    above = [lr for lr in grid if lr > largest]
+    return largest, (above[0] if above else math.inf)
+
+
+def ratio_verdict(trained_t: dict[float, bool], trained_b: dict[float, bool], tolerance: float) -> tuple[Verdict, str, float, float]:
+    """The verdict on "treatment's largest trainable rate >= ``tolerance`` x baseline's", from grids.
+
+    With brackets ``[L_t, F_t)`` and ``[L_b, F_b)`` (:func:`bracket`), the true ratio lies in
+    ``(L_t / F_b, F_t / L_b)``: held when the lowest possible ratio ``L_t / F_b`` is at least
+    ``tolerance``; did not hold when the highest possible ``F_t / L_b`` is at most ``tolerance`` (the
+    bound itself is not attained, F_t did not train); otherwise the grid is too coarse to tell.
+    Returns ``(verdict, reason or "", lowest ratio, highest ratio)``."""
+    lt, ft = bracket(trained_t)
+    lb, fb = bracket(trained_b)
+    if lt is None or lb is None:
+        return Verdict.NOT_EVALUATED, "a network trained at no rate of the grid, so there is no largest trainable rate", math.nan, math.nan
+    low, high = lt / fb, ft / lb
+    if low >= tolerance * (1 - 1e-9):
+        return Verdict.HELD, "", low, high
+    if high <= tolerance * (1 + 1e-9):
+        return Verdict.NOT_HELD, "", low, high
+    return Verdict.NOT_EVALUATED, (
+        f"the grid brackets the ratio of largest trainable rates only to ({low:g}, {high:g}), which contains {tolerance:g}; "
+        "a finer grid between the bracketing rates is needed (it did not fit the 3-minute budget)"
+    ), low, high
 
 
 def claim_larger_rates(run, tolerance: float) -> ClaimResult:
     t, b = run.first(Role.TREATMENT), run.first(Role.BASELINE)
     if not (t and b):
         return not_evaluated("the run lacks the BN or the plain network")
-    lt, nt, grid = largest_trainable(run, t.name)
-    lb, nb, _ = largest_trainable(run, b.name)
+    (tt, nt), (tb, _) = trained_at(run, t.name), trained_at(run, b.name)
+    verdict, reason, low, high = ratio_verdict(tt, tb, tolerance)
+    (lt, ft), (lb, fb) = bracket(tt), bracket(tb)
     if lt is None or lb is None:
         who = t.label if lt is None else b.label
         return not_evaluated(f"{who} trained at no rate of the grid, so there is no largest trainable rate")
-    ratio = lt / lb
-    edge = " (BN trained at the grid's largest rate: the ratio is a lower bound)" if lt == max(grid) else ""
     text = (
-        f"largest rate that trains at all {nt} seeds: {t.label} {lt:g}, {b.label} {lb:g}; ratio {ratio:g}{edge}. "
-        f"Read off a half-decade grid, so each rate is known to a factor of sqrt(10); the claim needs a ratio of at least {tolerance:g}"
+        f"largest rate of the grid that trains at all {nt} seeds: {t.label} {lt:g} (next rate {ft:g} did not), "
+        f"{b.label} {lb:g} (next rate {fb:g} did not); so the ratio of largest trainable rates lies in ({low:g}, {high:g}); "
+        f"the claim needs the lowest possible ratio {t.label} {lt:g} / {b.label} {fb:g} to be at least {tolerance:g} "
+        f"(and did not hold if the highest possible, {ft:g} / {lb:g}, were at most {tolerance:g})"
     )
-    return ClaimResult(Verdict.HELD if ratio >= tolerance * (1 - 1e-9) else Verdict.NOT_HELD, text)
+    return ClaimResult(verdict, text, reason=reason)
 
 
 def _best_over_grid(run, arm: str) -> dict[int, float]:
@@ -125,23 +187,34 @@ def claim_best_accuracy(run, tolerance: float) -> ClaimResult:
     )
 
 
+def outcome_counts(run, arm: str) -> list[tuple[float, dict[Outcome, int], int]]:
+    """Per rate (ascending): ``(rate, {outcome: seeds}, seeds)``."""
+    threshold, out = run.config.trains_threshold, []
+    for p in sorted((p for p in run.points() if dict(p).get("lr") is not None), key=lambda p: dict(p)["lr"]):
+        us = run.units_of(arm, p)
+        if us:
+            counts = {o: sum(1 for u in us if _outcome(u, threshold) is o) for o in Outcome}
+            out.append((float(dict(p)["lr"]), counts, len(us)))
+    return out
+
+
 def findings(run) -> list[str]:
+    """Divergences and failures to train as counts of seeds (k/n), not intervals on a 0/1 fraction."""
     out = []
     for arm in run.arms:
-        div = []
-        for p in sorted(run.points(), key=lambda p: dict(p).get("lr", 0.0)):
-            us = run.units_of(arm.name, p)
-            n = sum(1 for u in us if (u.status.get("result") or {}).get("diverged"))
-            if n:
-                div.append(f"{dict(p)['lr']:g} ({n}/{len(us)} seeds)")
-        out.append(f"{arm.label}: diverged at " + (", ".join(div) if div else "no rate of the grid") + ".")
+        rows = outcome_counts(run, arm.name)
+        parts = []
+        for o in (Outcome.DIVERGED, Outcome.FAILED):
+            hits = [f"{lr:g} ({c[o]}/{n})" for lr, c, n in rows if c[o]]
+            parts.append(f"{o.value} at " + (", ".join(hits) if hits else "no rate of the grid"))
+        out.append(f"{arm.label}: " + "; ".join(parts) + " (seeds out of seeds run at that rate).")
     return out
 
 
 def _figure(run):
     fig, (ax,) = new_figure(1, 6.0, 4.2)
     for arm in run.arms:
-        sweep_band(ax, run, arm, "lr", lambda u: _result(u, "test_acc"))
+        sweep_band(ax, run, arm, "lr", lambda u: _result(u, "test_acc"), clip=(0.0, 1.0))
         xs = [dict(p)["lr"] for p in run.points() for u in run.units_of(arm.name, p) if (u.status.get("result") or {}).get("diverged")]
         if xs:
             ax.scatter(xs, np.zeros(len(xs)), marker="x", color=arm_color(run, arm), label=f"{arm.label}: diverged")
@@ -171,7 +244,6 @@ LR_SWEEP = register(
         unit_fn=lr_unit,
         metrics=(
             Metric("test_acc", "final test accuracy", lambda u: _result(u, "test_acc")),
-            Metric("diverged", "diverged (fraction of seeds)", lambda u: float(bool((u.status.get("result") or {}).get("diverged"))), digits=2),
         ),
         claims=(
             Claim(
@@ -181,7 +253,8 @@ LR_SWEEP = register(
                 "Bjorck et al. 2018, abstract; Ioffe & Szegedy 2015, section 4.2.1",
                 claim_larger_rates,
                 tolerance=10.0,
-                tolerance_text="largest trainable rate with BN / without: at least 10 (on the half-decade grid)",
+                tolerance_text="largest trainable rate with BN / without: the lowest ratio the grid allows at least 10 (held), "
+                "the highest at most 10 (did not hold), else could not be evaluated",
             ),
             Claim(
                 "best-accuracy",

@@ -36,9 +36,11 @@ def sweep_band(
     fn: Callable,
     label: Optional[str] = None,
     xs: Optional[Sequence] = None,
+    clip: Optional[tuple[float, float]] = None,
     **style,
 ) -> None:
-    """Mean over seeds of ``fn(unit)`` at each sweep value of ``field`` for ``arm``, with its 95% band."""
+    """Mean over seeds of ``fn(unit)`` at each sweep value of ``field`` for ``arm``, with its 95% band
+    (clipped to ``clip = (lo, hi)`` when given: a Student-t band of an accuracy can leave [0, 1])."""
     points = [p for p in run.points() if dict(p).get(field) is not None]
     points.sort(key=lambda p: dict(p)[field])
     x, m, lo, hi = [], [], [], []
@@ -49,8 +51,11 @@ def sweep_band(
         v = dict(p)[field]
         x.append(v[0] if isinstance(v, tuple) else v)
         m.append(e.mean)
-        lo.append(e.lo if e.has_interval else e.mean)
-        hi.append(e.hi if e.has_interval else e.mean)
+        l, h = (e.lo, e.hi) if e.has_interval else (e.mean, e.mean)
+        if clip is not None:
+            l, h = max(l, clip[0]), min(h, clip[1])
+        lo.append(l)
+        hi.append(h)
     if not x:
         return
     color = style.pop("color", arm_color(run, arm))
