@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from covshift.experiments.declaration import Arm, Role, Verdict
@@ -132,3 +133,145 @@ def test_best_accuracy_claim_held_not_held_not_evaluated():
     assert lr_sweep.claim_best_accuracy(run([0.97, 0.971, 0.969], [0.95, 0.951, 0.949]), 0.005).verdict is Verdict.HELD
     assert lr_sweep.claim_best_accuracy(run([0.90, 0.901, 0.899], [0.95, 0.951, 0.949]), 0.005).verdict is Verdict.NOT_HELD
     assert lr_sweep.claim_best_accuracy(run([], []), 0.005).verdict is Verdict.NOT_EVALUATED
+
+
+# --- santurkar-noise -------------------------------------------------------------------------------
+
+from covshift.experiments.papers import santurkar_noise as sn  # noqa: E402
+
+NOISY = Arm("noisy-bn", Role.VARIANT, "noisy", {"norm": "noisy-bn"})
+
+
+def test_step_shifts_use_only_records_one_step_apart():
+    steps = np.array([0, 1, 2, 100, 101, 300])
+    mean = np.array([0.0, 1.0, 1.5, 9.0, 9.5, 50.0])
+    std = np.ones(6)
+    # pairs (0,1), (1,2), (100,101); the jumps 2->100 and 101->300 are not per-step changes
+    assert sn.step_shifts(steps, mean, std).tolist() == pytest.approx([1.0, 0.5, 0.5])
+    assert sn.step_shifts(np.array([0, 100, 200]), mean[:3], std[:3]).size == 0
+
+
+def test_step_shifts_do_not_depend_on_the_recording_interval():
+    # A slow drift (0.01 per step) and noise redrawn every step: the between-records measure grew with the
+    # interval for the drift and not for the noise; the per-step one is the same whatever is recorded.
+    rng = np.random.default_rng(0)
+    t = np.arange(2000)
+    drift, noise = 0.01 * t, rng.normal(0, 0.3, len(t))
+    for series in (drift, noise):
+        every1 = sn.step_shifts(t, series, np.ones(len(t))).mean()
+        windows = np.concatenate([t[i : i + 2] for i in range(0, 2000, 100)])  # records t, t+1 every 100 steps
+        sparse = sn.step_shifts(windows, series[windows], np.ones(len(windows))).mean()
+        assert sparse == pytest.approx(every1, rel=0.25)
+
+
+@pytest.mark.parametrize(
+    "lo_hi, direction, margin, verdict",
+    [
+        ((-0.1, 0.3), "not smaller", 0.2, Verdict.HELD),
+        ((-0.6, -0.3), "not smaller", 0.2, Verdict.NOT_HELD),
+        ((-0.6, 0.1), "not smaller", 0.2, Verdict.NOT_EVALUATED),  # the review's case: no power, not 'held'
+        ((-0.3, 0.04), "not larger", 0.05, Verdict.HELD),
+        ((0.06, 0.2), "not larger", 0.05, Verdict.NOT_HELD),
+        ((-0.14, 0.32), "not larger", 0.05, Verdict.NOT_EVALUATED),
+    ],
+)
+def test_non_inferiority_verdicts(lo_hi, direction, margin, verdict):
+    from covshift.experiments.stats import Estimate
+
+    d = Estimate(sum(lo_hi) / 2, lo_hi[0], lo_hi[1], 3)
+    assert sn.non_inferior(d, margin, direction) is verdict
+
+
+def _ics_run(l2_bn, l2_none, cos_bn, cos_none):
+    layers = [SimpleNamespace(weights=f"hidden{i}.linear") for i in (1, 2, 3)]
+    units = {}
+    for arm, l2s, coss in ((BN, l2_bn, cos_bn), (NONE, l2_none, cos_none)):
+        us = []
+        for s, (l2, c) in enumerate(zip(l2s, coss)):
+            rows = [{"layer": f"hidden{i}.linear", "step": 0, "l2_diff": l2, "cosine": c} for i in (2, 3)]
+            u = FakeUnit(s, {})
+            u.records = lambda name, rows=rows: rows
+            us.append(u)
+        units[(arm.name, ())] = us
+    run = FakeRun([NONE, BN], units, SimpleNamespace())
+    run.layers = layers
+    for us in units.values():
+        for u in us:
+            u.run = run
+    return run
+
+
+def test_gradient_ics_claim_held_not_held_not_evaluated():
+    delta = math.log(1.25)
+    same = [0.9, 0.91, 0.89]
+    held = _ics_run([1.0, 1.05, 0.98], [1.0, 1.0, 1.0], same, same)
+    assert sn.claim_gradient_ics(held, delta).verdict is Verdict.HELD
+    smaller = _ics_run([0.5, 0.52, 0.49], [1.0, 1.0, 1.0], same, same)  # BN's ICS halved: BN does reduce it
+    assert sn.claim_gradient_ics(smaller, delta).verdict is Verdict.NOT_HELD
+    noisy = _ics_run([0.4, 1.6, 0.9], [1.0, 1.0, 1.0], same, same)  # no power
+    r = sn.claim_gradient_ics(noisy, delta)
+    assert r.verdict is Verdict.NOT_EVALUATED and "straddles" in r.reason
+
+
+def _noise_run(acc, loss, inst, monkeypatch):
+    """``acc``/``loss``/``inst``: {arm: per-seed values} of final accuracy, final training loss, instability."""
+    units = {}
+    for arm in (NONE, BN, NOISY):
+        units[(arm.name, ())] = [
+            FakeUnit(s, {}, {"test_acc": acc[arm.name][s], "train_loss": loss[arm.name][s], "inst": inst[arm.name][s]})
+            for s in range(3)
+        ]
+    for us in units.values():
+        for u in us:
+            u.final = lambda key, u=u: u.extra[key]
+    monkeypatch.setattr(sn, "instability", lambda u: u.extra["inst"])
+    return FakeRun([NONE, BN, NOISY], units, SimpleNamespace())
+
+
+GOOD_ACC = {"none": [0.90, 0.91, 0.90], "bn": [0.97, 0.972, 0.971], "noisy-bn": [0.968, 0.97, 0.969]}
+GOOD_LOSS = {"none": [0.3, 0.31, 0.29], "bn": [0.05, 0.05, 0.05], "noisy-bn": [0.1, 0.11, 0.1]}
+UNSTABLE = {"none": [0.01, 0.011, 0.012], "bn": [0.01, 0.01, 0.01], "noisy-bn": [0.5, 0.55, 0.52]}
+STABLE = {"none": [0.5, 0.55, 0.52], "bn": [0.01, 0.01, 0.01], "noisy-bn": [0.01, 0.011, 0.012]}
+
+
+def test_less_stable_claim_held_not_held_not_evaluated(monkeypatch):
+    assert sn.claim_less_stable(_noise_run(GOOD_ACC, GOOD_LOSS, UNSTABLE, monkeypatch), 0.0).verdict is Verdict.HELD
+    assert sn.claim_less_stable(_noise_run(GOOD_ACC, GOOD_LOSS, STABLE, monkeypatch), 0.0).verdict is Verdict.NOT_HELD
+    none_ = {k: [None] * 3 for k in UNSTABLE}
+    r = sn.claim_less_stable(_noise_run(GOOD_ACC, GOOD_LOSS, none_, monkeypatch), 0.0)
+    assert r.verdict is Verdict.NOT_EVALUATED and "--monitor-every 1" in r.reason
+
+
+def test_trains_claim_is_conditional_on_the_premise_and_judged_on_training_loss(monkeypatch):
+    assert sn.claim_trains(_noise_run(GOOD_ACC, GOOD_LOSS, UNSTABLE, monkeypatch), 0.01).verdict is Verdict.HELD
+    bad_acc = {**GOOD_ACC, "noisy-bn": [0.80, 0.81, 0.80]}
+    assert sn.claim_trains(_noise_run(bad_acc, GOOD_LOSS, UNSTABLE, monkeypatch), 0.01).verdict is Verdict.NOT_HELD
+    bad_loss = {**GOOD_LOSS, "noisy-bn": [0.6, 0.61, 0.6]}  # accuracy fine, but trains worse than the plain network
+    assert sn.claim_trains(_noise_run(GOOD_ACC, bad_loss, UNSTABLE, monkeypatch), 0.01).verdict is Verdict.NOT_HELD
+    r = sn.claim_trains(_noise_run(GOOD_ACC, GOOD_LOSS, STABLE, monkeypatch), 0.01)  # premise (ii) did not hold
+    assert r.verdict is Verdict.NOT_EVALUATED and "premise" in r.reason
+
+
+@pytest.mark.slow
+def test_noise_step_equals_training_steps_after_a_unit(tmp_path):
+    """Gradient ICS's extra forwards and the evaluations must not advance the noise's step counter."""
+    import dataclasses
+
+    from covshift.experiments.declaration import Unit
+    from covshift.experiments.executors import run_unit
+    from covshift.nn.noisy_batchnorm import NoisyBatchNorm1d
+
+    built = []
+
+    def build(cfg, data):
+        built.append(sn.he_mlp(cfg, data))
+        return built[-1]
+
+    exp = dataclasses.replace(sn.SANTURKAR_NOISE, build_model=build)
+    config = dataclasses.replace(exp.config, steps=25, hidden=(16, 16, 16), monitor_every=1, ics_every=5, eval_every=10,
+                                 eval_every_early=10, units=(0,), seeds=(0,), progress=False)
+    unit = Unit("noisy-bn", 0)
+    status = run_unit(exp, exp.unit_config(config, unit), unit, tmp_path)
+    assert status["status"] == "complete"
+    noisy = [m for m in built[0].modules() if isinstance(m, NoisyBatchNorm1d)]
+    assert len(noisy) == 3 and [int(m.noise_step) for m in noisy] == [25, 25, 25]

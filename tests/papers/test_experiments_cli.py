@@ -40,7 +40,7 @@ def test_list_shows_each_experiment_with_its_paper_and_question(capsys):
 
 @pytest.mark.slow
 def test_santurkar_noise_tiny(tmp_path):
-    out, summary = _run(tmp_path, "santurkar-noise", "--steps", "40", "--monitor-every", "20", "--ics-every", "20",
+    out, summary = _run(tmp_path, "santurkar-noise", "--steps", "40", "--monitor-every", "1", "--ics-every", "20",
                         "--eval-every", "20", "--eval-every-early", "20", "--seeds", "0,1", "--hidden", "16,16,16", "--units", "0,1")
     for arm in ("none", "bn", "noisy-bn"):
         for seed in (0, 1):

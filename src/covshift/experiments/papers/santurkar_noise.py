@@ -8,12 +8,16 @@ distribution is re-drawn at every step (per channel and step: mean ~ U(-0.5, 0.5
 U(0.5, 1.0); see that class for the reasons). Measured by the toolbox's training loop:
 
 * test accuracy over training;
-* each hidden layer's input distribution to the ReLU, recorded by the activation monitor every
-  ``monitor_every`` steps on the training batch, the layer as a whole and 8 single units per layer
-  one by one; the *instability* of a network is the mean over those units and over consecutive
-  records of the absolute standardized mean shift :math:`|\\Delta\\mu| / \\bar\\sigma`
-  (:func:`covshift.monitor.drift.mean_shift`; scale-free, so a BN network's unit-variance inputs and a
-  plain network's are compared on the same footing);
+* each hidden layer's input distribution to the ReLU, recorded by the activation monitor at every
+  step (``monitor_every=1``) on the training batch, the layer as a whole and 8 single units per layer
+  one by one; the *instability* of a network is defined per step: the mean over those units and over
+  every pair of records one step apart of the absolute standardized mean shift
+  :math:`|\\mu_{t+1} - \\mu_t| / \\bar\\sigma` (:func:`step_shifts`; scale-free, so a BN network's
+  unit-variance inputs and a plain network's are compared on the same footing). Only pairs one step
+  apart count, so the measure does not depend on the recording interval: between records N steps
+  apart a plain network's slow drift accumulates while noise re-drawn every step does not (an earlier
+  between-records definition gave noisy BN 1.49x the plain network's instability at N = 1 and 0.86x
+  at N = 100);
 * gradient ICS (Santurkar et al.'s Definition 2.1, :func:`covshift.monitor.gradient_ics`) of every
   hidden layer's weights every ``ics_every`` steps, as the l2 difference and the cosine.
 
@@ -22,8 +26,12 @@ whole layer's pooled distribution hardly moves while every unit's jumps at every
 Figure 2 shows single activations.
 
 Choices (not from the paper, which uses VGG on CIFAR-10): the noise ranges above; lr 0.1, 3,000
-steps of 60 examples; measurements every 100 steps; a noisy network "trains about as well as BN"
-when its final test accuracy is at most one point below BN's (95% interval, paired by seed).
+steps of 60 examples; activation records every step, gradient ICS every 100 steps; a noisy network
+"trains about as well as BN" when its final test accuracy is at most one point below BN's (95%
+interval, paired by seed), and "better in terms of training" than the plain network when its final
+training loss is lower. Claim (i) is judged only when claim (ii), its premise, held. Claim (iii) is
+a non-inferiority test: margin ln 1.25 on the log l2 ratio, 0.05 on the cosine difference (chosen
+before the run: a quarter smaller ICS, or a cosine 0.05 closer to 1, would count as "BN reduces ICS").
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from covshift.experiments.papers.plotting import arm_color, new_figure
 from covshift.experiments.registry import register
 from covshift.experiments.stats import Estimate
 
-__all__ = ["SANTURKAR_NOISE", "instability", "ics_mean"]
+__all__ = ["SANTURKAR_NOISE", "instability", "step_shifts", "ics_mean", "non_inferior", "COSINE_MARGIN"]
 
 
 def _layers(cfg: ExperimentConfig) -> tuple[Layer, ...]:
@@ -61,37 +69,44 @@ def _unit_keys(u):
     return keys
 
 
-def instability(u) -> Optional[float]:
-    """Mean over recorded units and consecutive records of ``|mean shift|`` (pooled-std units)."""
+def step_shifts(steps: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``|mu_{t+1} - mu_t| / sigma_bar`` for every pair of records exactly one step apart (``t``, ``t + 1``).
+
+    ``sigma_bar`` is the pooled std of the two records (:func:`covshift.monitor.drift.mean_shift`).
+    Pairs further apart are left out, so the measure is a per-step change whatever the recording
+    interval: between records 100 steps apart a plain network's slow drift adds up while noise
+    re-drawn every step does not, and a ratio of such shifts would depend on the interval.
+    """
     from covshift.monitor.drift import mean_shift
 
+    d = np.abs(mean_shift(mean, std, "previous"))
+    one = np.zeros(len(steps), dtype=bool)
+    one[1:] = np.diff(np.asarray(steps)) == 1
+    d = d[one]
+    return d[np.isfinite(d)]
+
+
+def _instability(u, keys) -> Optional[float]:
     mon, vals = u.monitor, []
     if mon is None:
         return None
-    for key in _unit_keys(u):
-        _, mean = mon.series(key, "mean")
+    for key in keys:
+        steps, mean = mon.series(key, "mean")
         _, std = mon.series(key, "std")
-        d = np.abs(mean_shift(mean, std, "previous"))[1:]
-        vals.extend(d[np.isfinite(d)].tolist())
+        vals.extend(step_shifts(steps, mean, std).tolist())
     return float(np.mean(vals)) if vals else None
+
+
+def instability(u) -> Optional[float]:
+    """Per-step instability: the mean over recorded single units and over every pair of records one
+    step apart of ``|mu_{t+1} - mu_t| / sigma_bar`` (:func:`step_shifts`); ``None`` without such pairs
+    (records every ``--monitor-every 1`` step are needed)."""
+    return _instability(u, _unit_keys(u))
 
 
 def layer_instability(u) -> Optional[float]:
     """:func:`instability` of the whole layers (every unit pooled), for comparison."""
-    from covshift.monitor.drift import mean_shift
-
-    mon, vals = u.monitor, []
-    if mon is None:
-        return None
-    for layer in u.run.layers:
-        key = u.monitor_key(layer.module)
-        if key is None:
-            continue
-        _, mean = mon.series(key, "mean")
-        _, std = mon.series(key, "std")
-        d = np.abs(mean_shift(mean, std, "previous"))[1:]
-        vals.extend(d[np.isfinite(d)].tolist())
-    return float(np.mean(vals)) if vals else None
+    return _instability(u, [k for k in (u.monitor_key(layer.module) for layer in u.run.layers) if k is not None])
 
 
 def findings(run) -> list[str]:
@@ -124,11 +139,32 @@ def _final_acc(u) -> Optional[float]:
     return u.final("test_acc")
 
 
+def _final_train_loss(u) -> Optional[float]:
+    return u.final("train_loss")
+
+
 def _arms(run):
     return run.first(Role.BASELINE), run.first(Role.TREATMENT), run.first(Role.VARIANT)
 
 
+def _one_sided(d: Estimate, bound: str) -> float:
+    """The interval's ``"lo"`` or ``"hi"`` end (the value itself with one seed)."""
+    if not d.has_interval:
+        return d.mean
+    return d.lo if bound == "lo" else d.hi
+
+
 def claim_trains(run, tolerance: float) -> ClaimResult:
+    """Claim (i), judged only when its premise, claim (ii), held.
+
+    The paper's point is that noisy BN trains well *although* its layer inputs are less stable than a
+    plain network's; without that premise "noisy BN trains about as well as BN" says nothing about
+    ICS, so the verdict is "could not be evaluated" unless (ii) held. Judged on the final test accuracy
+    (BN minus noisy BN at most ``tolerance``, upper end of the 95% interval; noisy BN minus no
+    normalization above 0) and on training ("performs better in terms of training"): noisy BN's
+    final training loss (mean over the last checkpoint interval) below the plain network's,
+    ``log(loss none / loss noisy)`` above 0.
+    """
     from covshift.experiments.results import verdict_greater
 
     none, bn, noisy = _arms(run)
@@ -136,16 +172,27 @@ def claim_trains(run, tolerance: float) -> ClaimResult:
         return not_evaluated("the run lacks one of the three networks")
     gap = run.paired(_final_acc, bn.name, noisy.name)  # BN minus noisy BN
     gain = run.paired(_final_acc, noisy.name, none.name)  # noisy BN minus none
+    loss = run.paired(_final_train_loss, none.name, noisy.name, op="log_ratio")  # log(none / noisy)
     if gap.n == 0 or gain.n == 0:
         return not_evaluated("no final test accuracy")
-    close = (gap.hi if gap.has_interval else gap.mean) <= tolerance
+    if loss.n == 0:
+        return not_evaluated("no final training loss")
+    close = _one_sided(gap, "hi") <= tolerance
     better = verdict_greater(gain, 0.0, f"final test accuracy, {noisy.label} minus {none.label}")
-    ok = close and better.verdict is Verdict.HELD
+    trains = verdict_greater(loss, 0.0, f"log(final training loss {none.label} / {noisy.label})", 3)
     text = (
         f"final test accuracy, {bn.label} minus {noisy.label} = {gap.format(4)} (the claim needs it at most {tolerance:g}); "
-        f"{better.summary}"
+        f"{better.summary}; {trains.summary}"
     )
-    return ClaimResult(Verdict.HELD if ok else Verdict.NOT_HELD, text, {f"{bn.label} - {noisy.label}": gap, **better.numbers})
+    numbers = {f"{bn.label} - {noisy.label}": gap, **better.numbers, **trains.numbers}
+    premise = claim_less_stable(run, 0.0)
+    if premise.verdict is not Verdict.HELD:
+        return ClaimResult(Verdict.NOT_EVALUATED, text, numbers, reason=(
+            f"the claim is conditional on its premise, claim (ii) ({noisy.label}'s inputs less stable than {none.label}'s), "
+            f"which {premise.verdict.value}; measured: {text}"
+        ))
+    ok = close and better.verdict is Verdict.HELD and trains.verdict is Verdict.HELD
+    return ClaimResult(Verdict.HELD if ok else Verdict.NOT_HELD, f"(given claim (ii), which held) {text}", numbers)
 
 
 def claim_less_stable(run, tolerance: float) -> ClaimResult:
@@ -156,21 +203,38 @@ def claim_less_stable(run, tolerance: float) -> ClaimResult:
         return not_evaluated("the run lacks the noisy-BN or the plain network")
     d = run.paired(instability, noisy.name, none.name, op="log_ratio")
     if d.n == 0:
-        return not_evaluated("no single-unit monitor records")
-    v = verdict_greater(d, tolerance, f"log instability (mean |standardized mean shift| between records), {noisy.label} / {none.label}", 3)
-    return ClaimResult(v.verdict, f"{noisy.label} is {math.exp(d.mean):.3g}x as unstable as {none.label}. {v.summary}", v.numbers)
+        return not_evaluated("no single-unit monitor records one step apart (instability is per step: it needs --monitor-every 1)")
+    v = verdict_greater(d, tolerance, f"log per-step instability (mean |standardized mean shift| between consecutive steps), {noisy.label} / {none.label}", 3)
+    return ClaimResult(v.verdict, f"{noisy.label} is {math.exp(d.mean):.3g}x as unstable per step as {none.label}. {v.summary}", v.numbers)
 
 
-def _not_below(d: Estimate, what: str, direction: str, digits: int = 4) -> tuple[bool, str]:
-    """``direction="not smaller"``: the interval is not entirely below 0 (``"not larger"``: not above)."""
-    if d.has_interval:
-        ok = d.hi >= 0 if direction == "not smaller" else d.lo <= 0
-    else:
-        ok = d.mean >= 0 if direction == "not smaller" else d.mean <= 0
-    return ok, f"{what} = {d.format(digits)}"
+COSINE_MARGIN = 0.05  # non-inferiority margin of the cosine claim: BN's mean cosine may exceed the plain network's by at most this
+
+
+def non_inferior(d: Estimate, margin: float, direction: str) -> Verdict:
+    """Non-inferiority of ``d`` with margin ``margin`` (95% interval; the value alone with one seed).
+
+    ``direction="not smaller"``: held when ``lo >= -margin``, did not hold when ``hi < -margin``;
+    ``"not larger"``: held when ``hi <= margin``, did not hold when ``lo > margin``; otherwise the
+    interval straddles the margin and the data cannot tell (too few seeds or too much spread).
+    """
+    lo, hi = _one_sided(d, "lo"), _one_sided(d, "hi")
+    if direction == "not smaller":
+        return Verdict.HELD if lo >= -margin else Verdict.NOT_HELD if hi < -margin else Verdict.NOT_EVALUATED
+    if direction == "not larger":
+        return Verdict.HELD if hi <= margin else Verdict.NOT_HELD if lo > margin else Verdict.NOT_EVALUATED
+    raise ValueError(f"direction must be 'not smaller' or 'not larger', got {direction!r}")
 
 
 def claim_gradient_ics(run, tolerance: float) -> ClaimResult:
+    """Claim (iii) as non-inferiority, not as "no significant difference" (which holds by lack of power).
+
+    ``tolerance`` is the margin ``delta`` on ``log(l2 ICS BN / l2 ICS none)``: held when the interval's
+    lower end is at least ``-delta`` (BN's l2 ICS is not smaller by more than a factor ``e^delta``), did
+    not hold when its upper end is below ``-delta``; mirrored for the cosine, whose margin is
+    :data:`COSINE_MARGIN` (BN's cosine not larger by more than that). Both must hold; either not holding
+    is "did not hold"; otherwise "could not be evaluated".
+    """
     none, bn, _ = _arms(run)
     if not (none and bn):
         return not_evaluated("the run lacks the BN or the plain network")
@@ -178,11 +242,17 @@ def claim_gradient_ics(run, tolerance: float) -> ClaimResult:
     cos = run.paired(ics_mean("cosine"), bn.name, none.name)
     if l2.n == 0 or cos.n == 0:
         return not_evaluated("no gradient-ICS records (--ics-every 0?)")
-    ok1, t1 = _not_below(l2, f"log(l2 gradient ICS {bn.label} / {none.label})", "not smaller", 3)
-    ok2, t2 = _not_below(cos, f"cosine {bn.label} minus {none.label}", "not larger", 4)
-    text = (f"{t1}, {t2} (means over training and hidden layers 2+, paired by seed, 95% intervals); the claim needs the "
-            f"first interval not entirely below 0 and the second not entirely above 0")
-    return ClaimResult(Verdict.HELD if ok1 and ok2 else Verdict.NOT_HELD, text, {"log l2 ratio": l2, "cosine difference": cos})
+    v1, v2 = non_inferior(l2, tolerance, "not smaller"), non_inferior(cos, COSINE_MARGIN, "not larger")
+    text = (f"log(l2 gradient ICS {bn.label} / {none.label}) = {l2.format(3)}, cosine {bn.label} minus {none.label} = "
+            f"{cos.format(4)} (means over training and hidden layers 2+, paired by seed, 95% intervals); non-inferiority: "
+            f"held if the first interval's lower end >= -{tolerance:.3g} and the second's upper end <= {COSINE_MARGIN:g}, "
+            f"did not hold if the first's upper end < -{tolerance:.3g} or the second's lower end > {COSINE_MARGIN:g}")
+    numbers = {"log l2 ratio": l2, "cosine difference": cos}
+    if Verdict.NOT_HELD in (v1, v2):
+        return ClaimResult(Verdict.NOT_HELD, text, numbers)
+    if v1 is Verdict.HELD and v2 is Verdict.HELD:
+        return ClaimResult(Verdict.HELD, text, numbers)
+    return ClaimResult(Verdict.NOT_EVALUATED, text, numbers, reason=f"an interval straddles its margin (too little power to tell): {text}")
 
 
 # --- figures --------------------------------------------------------------------------------------
@@ -219,7 +289,7 @@ def _figure_accuracy_and_drift(run):
             axes[2].plot(s[1:], np.nanmean(np.stack(shifts)[:, 1:], 0), color=c, label=arm.label)  # record 0 has no previous
     axes[0].set_title("test accuracy (mean over seeds, 95% band)", fontsize=10)
     axes[1].set_title(f"one unit, hidden layer {len(run.layers)}: 15/50/85th pct (seed {run.seeds()[0]})", fontsize=10)
-    axes[2].set_title(f"instability: |mean shift| between records (seed {run.seeds()[0]})", fontsize=10)
+    axes[2].set_title(f"instability: |mean shift| between consecutive steps (seed {run.seeds()[0]})", fontsize=10)
     axes[2].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("training step")
@@ -262,7 +332,7 @@ SANTURKAR_NOISE = register(
         question="If noise makes BN's layer inputs less stable than a plain network's, does BN still train well, and does BN reduce gradient ICS?",
         config=ExperimentConfig(
             activation="relu", steps=3000, batch_size=60, lr=0.1, eval_every=500, eval_every_early=100, early_fraction=0.1,
-            monitor_every=100, ics_every=100, probe_size=0, seeds=(0, 1, 2),
+            monitor_every=1, ics_every=100, probe_size=0, seeds=(0, 1, 2),
         ),
         arms=(
             Arm("none", Role.BASELINE, "no normalization", {"norm": "none"}, color="#d1495b"),
@@ -274,7 +344,7 @@ SANTURKAR_NOISE = register(
         findings=findings,
         metrics=(
             Metric("final_test_acc", "final test accuracy", _final_acc),
-            Metric("instability", "mean |standardized mean shift| of single units between records", instability, digits=4),
+            Metric("instability", "per-step instability: mean |standardized mean shift| of single units between consecutive steps", instability, digits=4),
             Metric("ics_l2", "gradient ICS l2 (mean over training, layers 2+)", ics_mean("l2_diff"), digits=4),
             Metric("ics_cosine", "gradient ICS cosine (mean over training, layers 2+)", ics_mean("cosine"), digits=4),
         ),
@@ -286,7 +356,8 @@ SANTURKAR_NOISE = register(
                 "Santurkar et al. 2018, section 2.1, Figure 2",
                 claim_trains,
                 tolerance=0.01,
-                tolerance_text="BN minus noisy BN final accuracy at most 0.01 (upper end of the 95% interval), and noisy BN minus no normalization above 0",
+                tolerance_text="judged only if claim (ii) held (its premise); BN minus noisy BN final accuracy at most 0.01 (upper end "
+                "of the 95% interval), noisy BN minus no normalization above 0, and noisy BN's final training loss below no normalization's",
             ),
             Claim(
                 "noisy-less-stable",
@@ -295,7 +366,7 @@ SANTURKAR_NOISE = register(
                 "Santurkar et al. 2018, section 2.1, Figure 2",
                 claim_less_stable,
                 tolerance=0.0,
-                tolerance_text="log(instability noisy BN / no normalization), paired by seed: the 95% interval above 0",
+                tolerance_text="log(per-step instability noisy BN / no normalization), paired by seed: the 95% interval above 0",
             ),
             Claim(
                 "gradient-ics",
@@ -303,15 +374,16 @@ SANTURKAR_NOISE = register(
                 "BatchNorm layers does not necessarily reduce ICS (by Definition 2.1).",
                 "Santurkar et al. 2018, section 2.2, Figure 5",
                 claim_gradient_ics,
-                tolerance=0.0,
-                tolerance_text="BN's l2 gradient ICS not significantly smaller, and its cosine not significantly larger, than no normalization's",
+                tolerance=math.log(1.25),
+                tolerance_text="non-inferiority, paired by seed: log(l2 ICS BN / none) interval's lower end >= -ln 1.25 (BN's l2 ICS "
+                "not smaller by more than 25%), and cosine BN minus none interval's upper end <= 0.05",
             ),
         ),
         figures=(
             FigureSpec("noise.png", "Figures 2 and 3, reproduced: test accuracy (mean over seeds with its 95% band); the 15th, 50th "
                        "and 85th percentiles of one unit's input to the ReLU in the last hidden layer on the training batches; and "
-                       "the instability (absolute standardized mean shift between consecutive records, mean over the 24 recorded "
-                       "units).", _figure_accuracy_and_drift),
+                       "the per-step instability (absolute standardized mean shift between consecutive steps, mean over the 24 "
+                       "recorded units).", _figure_accuracy_and_drift),
             FigureSpec("gradient_ics.png", "Figure 5, reproduced: gradient ICS (Definition 2.1) of hidden layers 2 and 3, l2 "
                        "difference and cosine, every 100 steps (mean over seeds).", _figure_ics),
         ),
@@ -320,8 +392,11 @@ SANTURKAR_NOISE = register(
             "steps of 60 examples.",
             "Noise of covshift's choosing (the paper's appendix values were not available): per step and channel, mean "
             "~ U(-0.5, 0.5) and std ~ U(0.5, 1.0), added after BN to every activation of every sample, off at inference.",
-            "Distribution stability is measured on the training batches at every record (the noise acts in training only), "
-            "on 8 single units per hidden layer.",
+            "Distribution stability is measured on the training batches at every step (the noise acts in training only), "
+            "on 8 single units per hidden layer, as the change between consecutive steps (so it does not depend on the "
+            "recording interval).",
+            "Claim (i) is conditional on claim (ii), its premise; claim (iii) is judged as non-inferiority with margins "
+            "ln 1.25 (l2) and 0.05 (cosine), so that a wide interval gives 'could not be evaluated' rather than 'held'.",
         ),
     )
 )
