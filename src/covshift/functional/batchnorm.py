@@ -498,9 +498,21 @@ def run(
     training: bool,
     momentum: Momentum,
     eps: float,
+    *,
+    eager_float32: Optional[bool] = None,
 ) -> Tensor:
     """:func:`batch_norm` on arguments already validated (the layers check theirs once, cheaply): the
-    kernel or the reference, then the running update. The hot path of every training step."""
+    kernel or the reference, then the running update. The hot path of every training step.
+
+    ``eager_float32``: the caller's answer to :func:`covshift.ops.dispatch.eager_float32`, if it has one."""
+    if eager_float32 is None:
+        eager_float32 = dispatch.eager_float32(input, running_mean, running_var, weight, bias)
+    if eager_float32 and input.numel() > 0:
+        if training:  # the kernel updates the running statistics in its sweep
+            m = float(momentum) if isinstance(momentum, Tensor) else momentum  # a CPU scalar: no device sync
+            return _op.kernel(input, weight, bias, running_mean, running_var, True, m, eps)[0]
+        if not dispatch.tracing_inference():
+            return _op.kernel(input, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
     if training:
         if input.numel() > 0 and dispatch.use_kernel(input, running_mean, running_var, weight, bias):
             kernel = _kernel()

@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from covshift.functional.batchnorm import ChannelMismatchError, batch_norm
+from covshift.functional.batchnorm import ChannelMismatchError, batch_norm, run
 from covshift.nn._running import count_batch
+from covshift.ops import dispatch
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NonFiniteBatchWarning"]
 
@@ -149,16 +150,16 @@ class _BatchNormMixin:
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Buffers are updated only when they are tracked; in eval they are read if they exist.
         track = not self.training or self.track_running_stats
-        return batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-        )
+        running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
+        weight, bias = self.weight, self.bias
+        if (
+            self.eps > 0
+            and input.numel() > input.shape[1]  # more than one value per channel
+            and dispatch.eager_float32(input, running_mean, running_var, weight, bias)
+        ):
+            # Everything batch_norm() would validate is known good here: skip straight to the kernel.
+            return run(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, self.eps, eager_float32=True)
+        return batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, self.eps)
 
 
 class BatchNorm1d(_BatchNormMixin, torch.nn.BatchNorm1d):

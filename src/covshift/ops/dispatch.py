@@ -170,20 +170,18 @@ def _dense(t: Tensor) -> bool:
     return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-def use_kernel(
+def eager_float32(
     input: Tensor,
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
     weight: Optional[Tensor],
     bias: Optional[Tensor],
 ) -> bool:
-    """Whether this call runs the kernel (warning once per reason where it should and cannot).
-
-    The caller has validated the arguments and ruled out empty batches. The first test is the common
-    case, checked in a few attribute reads: it runs on every training step of every layer.
-    """
-    if (
-        not torch.compiler.is_compiling()  # (dynamo must not read, and guard on, the handle below)
+    """The common case, decided in a few attribute reads (it runs on every step of every layer): eager,
+    backend "auto", the kernel loaded, contiguous CPU float32 input and float32 CPU parameters, no
+    forward-mode AD and no ``torch.func`` transform. Everything else goes through :func:`use_kernel`."""
+    return (
+        not torch.compiler.is_compiling()  # first: under compile, dynamo must not read (and guard on) the handle
         and _op.kernel is not None
         and _state.backend == "auto"
         and input.dtype is torch.float32
@@ -193,10 +191,23 @@ def use_kernel(
         and (bias is None or (bias.dtype is torch.float32 and bias.is_cpu))
         and (running_mean is None or (running_mean.dtype is torch.float32 and running_mean.is_cpu))
         and (running_var is None or (running_var.dtype is torch.float32 and running_var.is_cpu))
-        and not transformed(input, weight, bias)
-    ):
-        return True
-    return _slow_use_kernel(input, running_mean, running_var, weight, bias)
+        and forward_ad._current_level < 0
+        and not (_is_wrapped(input) or (weight is not None and _is_wrapped(weight)) or (bias is not None and _is_wrapped(bias)))
+    )
+
+
+def use_kernel(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+) -> bool:
+    """Whether this call runs the kernel (warning once per reason where it should and cannot).
+
+    The caller has validated the arguments and ruled out empty batches.
+    """
+    return eager_float32(input, running_mean, running_var, weight, bias) or _slow_use_kernel(input, running_mean, running_var, weight, bias)
 
 
 def _slow_use_kernel(input, running_mean, running_var, weight, bias) -> bool:
