@@ -275,3 +275,46 @@ def test_noise_step_equals_training_steps_after_a_unit(tmp_path):
     assert status["status"] == "complete"
     noisy = [m for m in built[0].modules() if isinstance(m, NoisyBatchNorm1d)]
     assert len(noisy) == 3 and [int(m.noise_step) for m in noisy] == [25, 25, 25]
+
+
+# --- depth -----------------------------------------------------------------------------------------
+
+from covshift.experiments.papers import depth as dp  # noqa: E402
+from covshift.experiments.stats import Estimate  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "plain, verdict",
+    [
+        ((-0.004, 0.006), Verdict.HELD),
+        ((0.02, 0.03), Verdict.NOT_HELD),  # plain explodes too, though at a tenth of BN's rate: not 'flat'
+        ((0.0044, 0.0109), Verdict.NOT_EVALUATED),  # straddles the bound
+    ],
+)
+def test_linear_growth_needs_an_absolutely_flat_plain_slope(plain, verdict):
+    bn = Estimate(0.19, 0.185, 0.195, 3)
+    sb = Estimate(sum(plain) / 2, plain[0], plain[1], 3)
+    assert dp.linear_growth_verdict(bn, 0.99, sb, 0.9, 0.01) is verdict
+    assert dp.linear_growth_verdict(bn, 0.5, Estimate(0.0, -0.001, 0.001, 3), 0.9, 0.01) is Verdict.NOT_HELD  # not linear
+
+
+def _depth_run(ranks):
+    """``ranks``: {arm: {depth: per-seed numerical ranks}}."""
+    units = {}
+    for arm, by_depth in ranks.items():
+        for d, vals in by_depth.items():
+            units[(arm, (("depth", d),))] = [FakeUnit(s, {"depth": d, "numerical_rank": v}) for s, v in enumerate(vals)]
+    return FakeRun([NONE, BN], units, SimpleNamespace())
+
+
+def test_rank_claim_judges_the_trend_with_depth():
+    collapse = {"none": {4: [120, 121, 119], 128: [56, 57, 55]}, "bn": {4: [128, 128, 128], 128: [127, 128, 126]}}
+    assert dp.claim_rank(_depth_run(collapse), 0.0).verdict is Verdict.HELD
+    # BN higher at the deepest depth, but it was already so at depth 4 and nothing falls with depth: no collapse shown
+    level = {"none": {4: [56, 57, 55], 128: [60, 61, 60]}, "bn": {4: [128, 128, 128], 128: [128, 128, 128]}}
+    assert dp.claim_rank(_depth_run(level), 0.0).verdict is Verdict.NOT_HELD
+    both = {"none": {4: [120, 121, 119], 128: [56, 57, 55]}, "bn": {4: [128, 128, 128], 128: [50, 51, 49]}}  # BN falls more
+    assert dp.claim_rank(_depth_run(both), 0.0).verdict is Verdict.NOT_HELD
+    spread = {"none": {4: [120, 80, 119], 128: [56, 121, 55]}, "bn": {4: [128, 128, 128], 128: [128, 128, 128]}}
+    assert dp.claim_rank(_depth_run(spread), 0.0).verdict is Verdict.NOT_EVALUATED
+    assert dp.claim_rank(_depth_run({"none": {4: [1]}, "bn": {4: [1]}}), 0.0).verdict is Verdict.NOT_EVALUATED

@@ -14,8 +14,8 @@ initialization on one training-mode forward and backward of a batch of 128 MNIST
 Choices (not fixed by the papers): He initialization :math:`N(0, 2/\\text{fan-in})`, the
 "well-initialized" plain network (Yang et al. use the mean-field critical initialization, which for
 ReLU is He's); ReLU throughout; depths 4, 8, 16, 32, 64, 128 at width 128; the stable rank
-(no threshold to choose) is the rank the claim is judged on, the numerical rank (torch's default
-tolerance) is reported beside it. Every unit is one (norm, depth, seed): its own initial weights and
+is reported, but the rank claim is judged on the trend of the numerical rank (torch's default
+tolerance) with depth, since BN's uncentered stable rank is near pi at every depth. Every unit is one (norm, depth, seed): its own initial weights and
 its own batch.
 """
 
@@ -38,7 +38,7 @@ from covshift.experiments.papers.plotting import arm_color, new_figure, sweep_ba
 from covshift.experiments.registry import register
 from covshift.experiments.stats import estimate
 
-__all__ = ["DEPTH", "DepthConfig", "depth_unit", "fit_line"]
+__all__ = ["DEPTH", "DepthConfig", "depth_unit", "fit_line", "rank_drop", "linear_growth_verdict"]
 
 RANK_STATS = ("numerical_rank", "stable_rank", "cosine_similarity", "channel_sq_mean", "channel_var")
 
@@ -51,6 +51,7 @@ class DepthConfig(ExperimentConfig):
     width: int = _doc("units per hidden layer", default=128)
     depths: tuple[int, ...] = _doc("numbers of hidden layers, the sweep's grid", default=(4, 8, 16, 32, 64, 128))
     min_r2: float = _doc("the least R^2 of a line fit that counts as 'grows linearly with depth'", default=0.9)
+    flat_slope: float = _doc("the plain network is 'flat' when its slope of the log gradient ratio per layer lies within plus or minus this (95 percent interval)", default=0.01)
 
 
 def _result(u, key: str) -> Optional[float]:
@@ -112,6 +113,28 @@ def slope_estimate(run, arm: str, key: str = "log_grad_ratio"):
     return estimate(slopes), r2
 
 
+def _within(e, bound: float) -> Verdict:
+    """Is ``e`` (95% interval; the value with one seed) inside ``[-bound, bound]``? Held when the whole
+    interval is, did not hold when it lies entirely outside, otherwise undetermined (NOT_EVALUATED)."""
+    lo, hi = (e.lo, e.hi) if e.has_interval else (e.mean, e.mean)
+    if -bound <= lo and hi <= bound:
+        return Verdict.HELD
+    if lo > bound or hi < -bound:
+        return Verdict.NOT_HELD
+    return Verdict.NOT_EVALUATED
+
+
+def linear_growth_verdict(st, r2t: float, sb, min_r2: float, flat_slope: float) -> Verdict:
+    """BN's slope interval above 0 with ``R^2 >= min_r2`` (else did not hold), and the plain network
+    flat: its slope interval inside ``[-flat_slope, flat_slope]`` (:func:`_within`; entirely outside:
+    did not hold; straddling the bound: could not be evaluated)."""
+    bn_linear = (st.lo if st.has_interval else st.mean) > 0 and r2t >= min_r2
+    flat = _within(sb, flat_slope)
+    if not bn_linear or flat is Verdict.NOT_HELD:
+        return Verdict.NOT_HELD
+    return flat
+
+
 def claim_linear_growth(run, tolerance: float) -> ClaimResult:
     t, b = run.first(Role.TREATMENT), run.first(Role.BASELINE)
     if not (t and b):
@@ -120,36 +143,76 @@ def claim_linear_growth(run, tolerance: float) -> ClaimResult:
     sb, r2b = slope_estimate(run, b.name)
     if st.n == 0 or sb.n == 0:
         return not_evaluated("fewer than 3 depths measured per seed: no slope")
-    bn_linear = (st.lo if st.has_interval else st.mean) > 0 and r2t >= tolerance
-    hi_b = sb.hi if sb.has_interval else sb.mean
-    lo_b = sb.lo if sb.has_interval else sb.mean
-    plain_flat = (lo_b <= 0 <= hi_b) or r2b < tolerance or abs(hi_b) < 0.1 * st.mean
-    ok = bn_linear and plain_flat
+    flat = run.config.flat_slope
+    verdict = linear_growth_verdict(st, r2t, sb, tolerance, flat)
     text = (
         f"slope of the log gradient ratio per layer: {t.label} {st.format(4)} (R^2 of the fit to the seed mean {r2t:.3f}), "
         f"{b.label} {sb.format(4)} (R^2 {r2b:.3f}); the claim needs {t.label}'s interval above 0 with R^2 >= {tolerance:g}, and "
-        f"{b.label}'s interval to include 0, or R^2 < {tolerance:g}, or its slope below a tenth of {t.label}'s"
+        f"{b.label}'s interval inside +-{flat:g} per layer (flat: the gradient ratio grows by at most {100 * (math.exp(flat) - 1):.1f}% "
+        f"per layer); entirely outside it did not hold, straddling it cannot be told"
     )
-    return ClaimResult(Verdict.HELD if ok else Verdict.NOT_HELD, text, {f"slope {t.label}": st, f"slope {b.label}": sb})
+    numbers = {f"slope {t.label}": st, f"slope {b.label}": sb}
+    if verdict is Verdict.NOT_EVALUATED:
+        return ClaimResult(verdict, text, numbers, reason=f"{b.label}'s slope interval straddles the flatness bound +-{flat:g}: {text}")
+    return ClaimResult(verdict, text, numbers)
+
+
+def _extreme_points(run) -> Optional[tuple[tuple, tuple]]:
+    pts = [p for p in run.points() if dict(p).get("depth") is not None]
+    if len(pts) < 2:
+        return None
+    pts.sort(key=lambda p: dict(p)["depth"])
+    return pts[0], pts[-1]
 
 
 def _deepest(run) -> Optional[tuple]:
-    pts = [p for p in run.points() if dict(p).get("depth") is not None]
-    return max(pts, key=lambda p: dict(p)["depth"]) if pts else None
+    ends = _extreme_points(run)
+    return ends[1] if ends else None
+
+
+def rank_drop(run, arm: str, key: str = "numerical_rank") -> dict[int, float]:
+    """Per seed, ``rank(shallowest) - rank(deepest)`` of the last hidden representation."""
+    ends = _extreme_points(run)
+    if ends is None:
+        return {}
+    first = run.per_seed(lambda u: _result(u, key), arm, ends[0])
+    last = run.per_seed(lambda u: _result(u, key), arm, ends[1])
+    return {s: first[s] - last[s] for s in sorted(set(first) & set(last)) if first[s] is not None and last[s] is not None}
 
 
 def claim_rank(run, tolerance: float) -> ClaimResult:
-    from covshift.experiments.results import verdict_greater
-
+    """Rank collapse *with depth*: judged on the trend of the numerical rank from the shallowest to the
+    deepest network, not on the deepest alone. (BN's uncentered stable rank is pinned near pi by the
+    ReLU outputs' common mean at every depth, depth 1 included, so a comparison at one depth says
+    nothing about collapse.) Held when the plain network's drop ``rank(shallowest) - rank(deepest)``
+    is above ``tolerance`` and BN's drop is smaller than the plain network's by more than
+    ``tolerance`` (95% intervals over seeds); did not hold when either interval lies entirely at or
+    below ``tolerance``; otherwise could not be evaluated."""
     t, b = run.first(Role.TREATMENT), run.first(Role.BASELINE)
-    p = _deepest(run)
-    if not (t and b and p):
-        return not_evaluated("the run lacks the BN or the plain network, or a depth")
-    d = run.paired(lambda u: _result(u, "stable_rank"), t.name, b.name, point=p)
-    v = verdict_greater(d, tolerance, f"stable rank of the last hidden representation at depth {dict(p)['depth']}, {t.label} minus {b.label}", 2)
-    nr_t = run.estimate(lambda u: _result(u, "numerical_rank"), t.name, p)
-    nr_b = run.estimate(lambda u: _result(u, "numerical_rank"), b.name, p)
-    return ClaimResult(v.verdict, f"{v.summary}. Numerical rank there: {t.label} {nr_t.format(1)}, {b.label} {nr_b.format(1)}.", v.numbers)
+    ends = _extreme_points(run)
+    if not (t and b and ends):
+        return not_evaluated("the run lacks the BN or the plain network, or two depths")
+    pb, pt = rank_drop(run, b.name), rank_drop(run, t.name)
+    if not pb or not pt:
+        return not_evaluated("no numerical rank at the shallowest and deepest depths")
+    drop_b, drop_t = estimate(list(pb.values())), estimate(list(pt.values()))
+    less = estimate([pb[s] - pt[s] for s in sorted(set(pb) & set(pt))])  # BN falls less: plain's drop minus BN's, per seed
+    verdicts = []
+    for e in (drop_b, less):
+        lo, hi = (e.lo, e.hi) if e.has_interval else (e.mean, e.mean)
+        verdicts.append(Verdict.HELD if lo > tolerance else Verdict.NOT_HELD if hi <= tolerance else Verdict.NOT_EVALUATED)
+    d0, d1 = dict(ends[0])["depth"], dict(ends[1])["depth"]
+    text = (
+        f"numerical rank of the last hidden representation, depth {d0} minus depth {d1}: {b.label} {drop_b.format(1)}, "
+        f"{t.label} {drop_t.format(1)}; {b.label}'s drop minus {t.label}'s = {less.format(1)} (95% intervals over seeds); "
+        f"the claim needs {b.label}'s drop and the difference both above {tolerance:g}"
+    )
+    numbers = {f"rank drop {b.label}": drop_b, f"rank drop {t.label}": drop_t, "drop difference": less}
+    if Verdict.NOT_HELD in verdicts:
+        return ClaimResult(Verdict.NOT_HELD, text, numbers)
+    if all(v is Verdict.HELD for v in verdicts):
+        return ClaimResult(Verdict.HELD, text, numbers)
+    return ClaimResult(Verdict.NOT_EVALUATED, text, numbers, reason=f"an interval straddles {tolerance:g}: {text}")
 
 
 # --- figures --------------------------------------------------------------------------------------
@@ -246,7 +309,8 @@ DEPTH = register(
                 "Daneshmand et al. 2020, title and abstract",
                 claim_rank,
                 tolerance=0.0,
-                tolerance_text="stable rank at the deepest depth, BN minus plain, paired by seed: the 95% interval above 0",
+                tolerance_text="numerical rank, shallowest minus deepest network: the plain network's drop above 0, and the plain "
+                "network's drop minus BN's above 0 (95% intervals over seeds)",
             ),
         ),
         figures=(
@@ -264,8 +328,11 @@ DEPTH = register(
             "ReLU MLPs of width 128 without skip connections, He-initialized (N(0, 2/fan-in); the output layer N(0, 1/fan-in)); "
             "BN and LayerNorm before every ReLU, the linear layers then without bias.",
             "Measured at initialization only, in training mode (batch statistics), one forward and backward per unit.",
-            "The rank claim is judged on the stable rank (no threshold); the numerical rank uses torch's default tolerance "
-            "max(N, D) * eps(float32) and is reported beside it.",
+            "The rank claim is judged on the trend of the numerical rank (torch's default tolerance max(N, D) * eps(float32)) "
+            "from the shallowest to the deepest network: BN's uncentered stable rank is pinned near pi by the ReLU outputs' "
+            "common mean at every depth, so it cannot show collapse with depth.",
+            "The plain network's gradient ratio is 'flat' when its slope's 95% interval lies within +-0.01 per layer (the "
+            "ratio grows by at most 1% per layer), an absolute bound chosen so that 'flat' is not merely 'a tenth of BN's'.",
         ),
     )
 )
