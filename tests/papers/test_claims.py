@@ -318,3 +318,37 @@ def test_rank_claim_judges_the_trend_with_depth():
     spread = {"none": {4: [120, 80, 119], 128: [56, 121, 55]}, "bn": {4: [128, 128, 128], 128: [128, 128, 128]}}
     assert dp.claim_rank(_depth_run(spread), 0.0).verdict is Verdict.NOT_EVALUATED
     assert dp.claim_rank(_depth_run({"none": {4: [1]}, "bn": {4: [1]}}), 0.0).verdict is Verdict.NOT_EVALUATED
+
+
+# --- batch-size ------------------------------------------------------------------------------------
+
+from covshift.experiments.papers import batch_size as bs  # noqa: E402
+
+BS_ARMS = [Arm("bn", Role.BASELINE, "BN", {"norm": "bn"}), Arm("renorm", Role.TREATMENT, "BRN", {"norm": "renorm"}),
+           Arm("group", Role.VARIANT, "GN", {"norm": "group"})]
+
+
+def _bs_run(errors, converged_error=0.02):
+    """``errors``: {arm: {batch: per-seed test errors}}."""
+    units = {}
+    for arm, by_batch in errors.items():
+        for b, vals in by_batch.items():
+            units[(arm, (("batch_size", b),))] = [FakeUnit(s, {"test_error": v}) for s, v in enumerate(vals)]
+    return FakeRun(BS_ARMS, units, SimpleNamespace(converged_error=converged_error, samples=4000))
+
+
+def _e(x):
+    return [x - 0.001, x, x + 0.001]
+
+
+def test_batch_size_claims_held_not_held_and_not_evaluated_far_from_convergence():
+    wu_he = {"bn": {2: _e(0.03), 32: _e(0.01)}, "renorm": {2: _e(0.015), 32: _e(0.01)}, "group": {2: _e(0.012), 32: _e(0.011)}}
+    assert bs.claim_bn_degrades(_bs_run(wu_he), 0.02).verdict is Verdict.HELD
+    assert bs.claim_renorm_beats_bn(_bs_run(wu_he), 0.0).verdict is Verdict.HELD
+    flat = {"bn": {2: _e(0.011), 32: _e(0.012)}, "renorm": {2: _e(0.013), 32: _e(0.01)}, "group": {2: _e(0.012), 32: _e(0.011)}}
+    assert bs.claim_bn_degrades(_bs_run(flat), 0.02).verdict is Verdict.NOT_HELD
+    assert bs.claim_renorm_beats_bn(_bs_run(flat), 0.0).verdict is Verdict.NOT_HELD
+    short = {"bn": {2: _e(0.063), 32: _e(0.088)}, "renorm": {2: _e(0.063), 32: _e(0.084)}, "group": {2: _e(0.06), 32: _e(0.084)}}
+    for claim, tol in ((bs.claim_bn_degrades, 0.02), (bs.claim_renorm_beats_bn, 0.0)):
+        r = claim(_bs_run(short), tol)
+        assert r.verdict is Verdict.NOT_EVALUATED and "convergence" in r.reason
