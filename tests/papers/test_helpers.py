@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from covshift.experiments.papers.batch_size import SmallCNN, renorm_schedule
-from covshift.experiments.papers.common import batch_indices, he_init_, train_classifier, verdict_within
+from covshift.experiments.papers.common import batch_indices, he_init_, train_classifier
 from covshift.experiments.papers.depth import fit_line
-from covshift.experiments.stats import estimate
 
 
 def test_fit_line_recovers_a_line_and_scores_noise():
@@ -57,9 +56,3 @@ def test_train_classifier_learns_and_detects_divergence():
     model = nn.Sequential(nn.Linear(5, 50), nn.ReLU(), nn.Linear(50, 50), nn.ReLU(), nn.Linear(50, 2))
     res = train_classifier(model, x * 100, y, x, y, steps=200, batch_size=20, lr=1e6, seed=0)
     assert res.diverged and res.steps < 200 and math.isnan(res.train_loss)
-
-
-def test_verdict_within():
-    assert verdict_within(estimate([0.001, 0.002, 0.0015]), 0.01, "gap").verdict.value == "held"
-    assert verdict_within(estimate([0.02, 0.03, 0.025]), 0.01, "gap").verdict.value == "did not hold"
-    assert verdict_within(estimate([]), 0.01, "gap").verdict.value == "could not be evaluated"

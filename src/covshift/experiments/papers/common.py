@@ -8,7 +8,7 @@
 * :func:`train_classifier`: plain SGD on mini-batches with test accuracy at checkpoints, a hook
   called before chosen steps (for measurements), and divergence detection (a non-finite loss stops
   the run and is recorded).
-* :func:`paired_claim` and friends: verdicts from paired-by-seed estimates.
+* :func:`not_evaluated`: the verdict of a claim that could not be evaluated, with its reason.
 """
 
 from __future__ import annotations
@@ -18,16 +18,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from covshift.experiments.declaration import ClaimResult, Verdict
 from covshift.experiments.models import MLP
-from covshift.experiments.stats import Estimate
 
-__all__ = ["he_mlp", "he_init_", "train_classifier", "TrainResult", "evaluate", "batch_indices", "verdict_within", "not_evaluated", "mean_finite", "tensors", "doc_field"]
+__all__ = ["he_mlp", "he_init_", "train_classifier", "TrainResult", "evaluate", "batch_indices", "not_evaluated", "tensors", "doc_field"]
 
 
 def doc_field(text: str, **kw: Any) -> Any:
@@ -176,20 +174,3 @@ def tensors(data, image_shape: Optional[tuple[int, ...]] = None) -> tuple[torch.
 
 def not_evaluated(reason: str) -> ClaimResult:
     return ClaimResult(Verdict.NOT_EVALUATED, "", reason=reason)
-
-
-def verdict_within(d: Estimate, tolerance: float, what: str, digits: int = 4) -> ClaimResult:
-    """Held when ``d``'s 95% interval lies inside ``[-tolerance, tolerance]`` (one seed: the value)."""
-    if d.n == 0:
-        return not_evaluated(f"no unit measured {what}")
-    if d.has_interval:
-        ok, basis = (d.lo >= -tolerance and d.hi <= tolerance), f"95% interval over {d.n} seeds"
-    else:
-        ok, basis = abs(d.mean) <= tolerance, "one seed, no interval: judged on the value alone"
-    text = f"{what} = {d.format(digits)} ({basis}); the claim needs it within +-{tolerance:g}"
-    return ClaimResult(Verdict.HELD if ok else Verdict.NOT_HELD, text, {what: d})
-
-
-def mean_finite(values) -> Optional[float]:
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
-    return float(v.mean()) if len(v) else None
