@@ -89,16 +89,14 @@ class LoadedUnit:
     def monitor_key(self, module: str, unit: Optional[int] = None, probe: bool = False):
         """The monitor's record of ``module`` (one ``unit`` of it; on the probe batch), or ``None``.
 
-        The key is looked up among the monitor's layers by its display form
-        (``hidden3.act[4]@probe``), never parsed from it.
+        The key is found by its fields (:class:`covshift.monitor.RecordKey`), never by its display string.
         """
         mon = self.monitor
         if mon is None:
             return None
-        want = module + (f"[{unit}]" if unit is not None else "") + ("@probe" if probe else "")
-        for key in mon.layers:
-            if str(key) == want:
-                return key
+        for key in mon.keys:
+            if key.module == module and key.call == 0 and key.channel == unit and key.probe == probe:
+                return str(key)  # the monitor's views take a key or its display string; callers compare strings
         return None
 
     def drift(self, module: str, probe: bool = False) -> Optional[dict]:
