@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import math
 import os
+import random
 import statistics
 import time
 from typing import Callable, Sequence
@@ -51,19 +52,20 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3, inner: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, called in rotating order ``repeats`` times.
+    """Median seconds per call of each function, called in a fresh random order ``repeats`` times.
 
-    Rotation means no function always runs first (on a cold cache) or right after another; ``inner``
-    calls are timed together when one call is too short for the clock.
+    A new (seeded) permutation each round means no function always runs first, nor always right after
+    the same other one (a fixed rotation let a slow function always cool the cache of the one after
+    it); ``inner`` calls are timed together when one call is too short for the clock.
     """
     names = list(fns)
+    order = random.Random(0)
     for _ in range(warmup):
         for n in names:
             fns[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(repeats):
-        k = i % len(names)
-        for n in names[k:] + names[:k]:
+    for _ in range(repeats):
+        for n in order.sample(names, len(names)):
             f = fns[n]
             t0 = time.perf_counter()
             for _ in range(inner):
