@@ -9,17 +9,16 @@ maxima exactly, means and M2 to float64 rounding, the merged sample as a multise
 
 from __future__ import annotations
 
-import socket
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import gloo
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from covshift.monitor.distributed import (
     merge_across_ranks,
@@ -193,30 +192,9 @@ def _monitored_run(rank, log_dir, reduce="global"):
     return {"table": mon.table(), "layers": mon.layers}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("merge")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung, f"{len(hung)} rank(s) hung for {TIMEOUT_S}s"
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
-    return results
+    return gloo.spawn(_worker, tmp_path_factory.mktemp("merge"), WORLD, TIMEOUT_S)
 
 
 def _assert_equal_to_single_process(got: LayerStats, want: LayerStats, what: str):

@@ -7,17 +7,16 @@ outputs, input gradients, summed weight/bias gradients, running statistics, num_
 
 from __future__ import annotations
 
-import socket
 import traceback
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import gloo
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import covshift.nn as cnn
 from covshift.functional import ChannelMismatchError
@@ -143,30 +142,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("syncbn")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung, f"{len(hung)} rank(s) hung for {TIMEOUT_S}s"
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
-    return results
+    return gloo.spawn(_worker, tmp_path_factory.mktemp("syncbn"), WORLD, TIMEOUT_S)
 
 
 def _close(a, b, what):
