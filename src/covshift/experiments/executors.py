@@ -13,6 +13,8 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import signal
+import threading
 import shutil
 import time
 import traceback
@@ -124,14 +126,22 @@ def run_serial(experiment: Experiment, jobs: list[tuple[Unit, ExperimentConfig]]
 # --- local worker processes ----------------------------------------------------------------------
 
 
-def _worker(name: str, module: str, tasks, events) -> None:
-    """A worker process: run units from ``tasks`` until the sentinel, reporting on ``events``."""
+def _worker(name: str, module: str, tasks, events, stop) -> None:
+    """A worker process: run units from ``tasks`` until the sentinel, reporting on ``events``.
+
+    It starts with SIGINT ignored (inherited from the parent, see :func:`run_processes`), so a Ctrl-C
+    during its start-up cannot interrupt an import half-way; from here on Ctrl-C is a KeyboardInterrupt
+    again, and ``stop`` says whether the parent was interrupted meanwhile."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     from covshift.experiments.registry import load_origin
 
     torch.set_num_threads(1)
     try:
         exp = load_origin(name, module)
         while True:
+            if stop.is_set():
+                return
             item = tasks.get()
             if item is None:
                 return
@@ -167,9 +177,18 @@ def run_processes(experiment: Experiment, jobs: list[tuple[Unit, ExperimentConfi
         tasks.put(None)
     from covshift.experiments.registry import origin
 
-    procs = [ctx.Process(target=_worker, args=(experiment.name, origin(experiment.name), tasks, events), name=f"covshift-worker-{i}") for i in range(n)]
-    for p in procs:
-        p.start()
+    stop = ctx.Event()
+    procs = [ctx.Process(target=_worker, args=(experiment.name, origin(experiment.name), tasks, events, stop), name=f"covshift-worker-{i}") for i in range(n)]
+    # Started with SIGINT ignored (the disposition survives exec), so that a Ctrl-C while a worker is
+    # still importing does not print a traceback from it; each worker turns it back on when ready.
+    main = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
     pending = {u for u, _ in jobs}
     failed: list[str] = []
     interrupted = False
@@ -193,6 +212,7 @@ def run_processes(experiment: Experiment, jobs: list[tuple[Unit, ExperimentConfi
                 failed.append(f"a worker ({payload})")
     except KeyboardInterrupt:
         interrupted = True
+        stop.set()
     finally:
         for p in procs:
             p.join(timeout=30)  # on Ctrl-C the workers got the same SIGINT: give them time to flush
