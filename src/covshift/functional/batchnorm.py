@@ -252,7 +252,7 @@ def update_running_stats(
     count: Union[int, float],
     momentum: Momentum,
 ) -> None:
-    r"""In-place exponential moving average of the batch statistics: the one implementation of the rule.
+    r"""In-place exponential moving average of the batch statistics (the reference implementation of the rule).
 
     .. math::
 
@@ -262,8 +262,10 @@ def update_running_stats(
     ``m`` is ``momentum``: a float, or a 0-dim tensor (``1/num_batches_tracked`` for the cumulative
     average, kept on the device so that neither a host sync nor a ``torch.compile`` graph break is
     needed), and ``n = count``: the running variance receives the *unbiased* batch variance, while
-    normalization uses the biased one. Every covshift layer and both paths of :func:`batch_norm` update
-    through this function (``lerp_``: ``r + m (s - r)``, one fused op per buffer).
+    normalization uses the biased one. The reference path, the variants and the cumulative average under
+    ``torch.compile`` update through this function (``lerp_``: ``r + m (s - r)``); the fused kernel applies
+    the same formula inside its sweep (a separate update cost as much as the kernel call on small
+    tensors), and the tests hold the two to each other and to torch.
     """
     if running_var is not None:
         var = var * (count / (count - 1)) if count > 1 else var  # unbiased

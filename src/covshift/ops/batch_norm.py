@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
 
 from covshift.ops import build
 
