@@ -79,26 +79,58 @@ def log_std_ratio(std: np.ndarray, reference: Reference = "previous") -> np.ndar
         return np.log(std / _reference(std, reference))
 
 
-def _segments(
-    edges: np.ndarray, counts: np.ndarray, lo: Optional[float], hi: Optional[float]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Histogram as mass on segments ``[a_j, b_j]`` (``a_j == b_j``: a point mass)."""
-    e0, eB = float(edges[0]), float(edges[-1])
-    lo = e0 if lo is None or not math.isfinite(lo) else min(lo, e0)
-    hi = eB if hi is None or not math.isfinite(hi) else max(hi, eB)
-    a = np.concatenate([[lo], edges])
-    b = np.concatenate([edges, [hi]])
-    m = np.asarray(counts, np.float64)
-    return a, b, m / m.sum()
+def _ranges(edges: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where the tail masses end: ``lo <= e_0`` and ``hi >= e_B``, an unknown (non-finite) end at the edge."""
+    lo = np.where(np.isfinite(lo), np.minimum(lo, edges[0]), edges[0])
+    hi = np.where(np.isfinite(hi), np.maximum(hi, edges[-1]), edges[-1])
+    return lo, hi
 
 
-def _cdf(x: np.ndarray, a: np.ndarray, b: np.ndarray, m: np.ndarray, right: bool) -> np.ndarray:
-    """CDF at ``x`` of masses ``m`` uniform on ``[a, b]``; at a point mass, the right or left limit."""
-    width = b - a
+def _cdf(g: np.ndarray, edges: np.ndarray, p: np.ndarray, lo: np.ndarray, hi: np.ndarray, right: bool) -> np.ndarray:
+    """CDF of piecewise-uniform histograms at points ``g`` ``(T, G)``: right limits, or left limits.
+
+    Row ``t`` has normalized masses ``p[t]`` ``(B + 2,)`` (underflow, B bins, overflow): each bin's
+    mass uniform on it, the underflow's on ``[lo_t, e_0]``, the overflow's on ``[e_B, hi_t]``; a
+    tail whose range has no width is a point mass on the edge (where the two limits differ).
+    """
+    B = len(edges) - 1
+    under, bins, over = p[:, :1], p[:, 1:-1], p[:, -1:]
+    below = under + np.concatenate([np.zeros_like(under), np.cumsum(bins, axis=1)[:, :-1]], axis=1)  # (T, B): mass below e_k
+    side = "right" if right else "left"
+    k = np.clip(np.searchsorted(edges, g, side=side) - 1, 0, B - 1)  # e_k <= g < e_k+1 (right), e_k < g <= e_k+1 (left)
+    rows = np.arange(g.shape[0])[:, None]
+    e_k, w_k = edges[k], np.diff(edges)[k]
+    inner = below[rows, k] + bins[rows, k] * np.clip((g - e_k) / w_k, 0.0, 1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        frac = np.clip((x[:, None] - a) / np.where(width > 0, width, 1), 0, 1)
-    step = (x[:, None] >= a) if right else (x[:, None] > a)
-    return (np.where(width > 0, frac, step) * m).sum(axis=1)
+        tail_lo = under * np.clip((g - lo) / (edges[0] - lo), 0.0, 1.0)
+        tail_hi = (1.0 - over) + over * np.clip((g - edges[-1]) / (hi - edges[-1]), 0.0, 1.0)
+    if right:
+        return np.select([g >= hi, g >= edges[-1], g >= edges[0], g >= lo], [1.0, tail_hi, inner, tail_lo], 0.0)
+    return np.select([g > hi, g > edges[-1], g > edges[0], g > lo], [1.0, tail_hi, inner, tail_lo], 0.0)
+
+
+def _w1_pairs(edges, counts_p, counts_q, lo_p, hi_p, lo_q, hi_q) -> np.ndarray:
+    """:func:`histogram_w1` of ``T`` pairs at once: counts ``(T, B + 2)``, ranges ``(T,)``."""
+    cp, cq = np.asarray(counts_p, np.float64), np.asarray(counts_q, np.float64)
+    sp, sq = cp.sum(axis=1, keepdims=True), cq.sum(axis=1, keepdims=True)
+    empty = (sp[:, 0] <= 0) | (sq[:, 0] <= 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p, q = np.where(sp > 0, cp / sp, 0.0), np.where(sq > 0, cq / sq, 0.0)
+    lo_p, hi_p = _ranges(edges, lo_p, hi_p)
+    lo_q, hi_q = _ranges(edges, lo_q, hi_q)
+    T = cp.shape[0]
+    # Every knot of either CDF (a repeated point only adds an interval of zero width): on each open
+    # interval between consecutive grid points both CDFs are linear, so |F_p - F_q| integrates exactly
+    # from its values just inside both ends.
+    grid = np.sort(np.concatenate([np.broadcast_to(edges, (T, len(edges))), np.stack([lo_p, hi_p, lo_q, hi_q], axis=1)], axis=1), axis=1)
+    a, b = grid[:, :-1], grid[:, 1:]
+    d0 = _cdf(a, edges, p, lo_p[:, None], hi_p[:, None], True) - _cdf(a, edges, q, lo_q[:, None], hi_q[:, None], True)
+    d1 = _cdf(b, edges, p, lo_p[:, None], hi_p[:, None], False) - _cdf(b, edges, q, lo_q[:, None], hi_q[:, None], False)
+    h = b - a
+    with np.errstate(divide="ignore", invalid="ignore"):
+        crossing = (d0**2 + d1**2) / (2 * (np.abs(d0) + np.abs(d1)))  # |d| over an interval where d changes sign
+    area = np.where(h > 0, np.where(d0 * d1 >= 0, (np.abs(d0) + np.abs(d1)) / 2, crossing) * h, 0.0)
+    return np.where(empty, np.nan, area.sum(axis=1))
 
 
 def histogram_w1(
@@ -120,23 +152,9 @@ def histogram_w1(
         empty.
     """
     edges = np.asarray(edges, np.float64)
-    if np.sum(counts_p) <= 0 or np.sum(counts_q) <= 0:
-        return math.nan
-    P = _segments(edges, counts_p, *(range_p or (None, None)))
-    Q = _segments(edges, counts_q, *(range_q or (None, None)))
-    grid = np.unique(np.concatenate([P[0], P[1], Q[0], Q[1]]))
-    if grid.size < 2:
-        return 0.0
-    # On each open interval between grid points both CDFs are linear; take the difference just
-    # inside both ends and integrate its absolute value exactly.
-    d0 = _cdf(grid[:-1], *P, right=True) - _cdf(grid[:-1], *Q, right=True)
-    d1 = _cdf(grid[1:], *P, right=False) - _cdf(grid[1:], *Q, right=False)
-    h = np.diff(grid)
-    same = d0 * d1 >= 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        crossing = (d0**2 + d1**2) / (2 * (np.abs(d0) + np.abs(d1)))
-    area = np.where(same, (np.abs(d0) + np.abs(d1)) / 2, crossing) * h
-    return float(area.sum())
+    (lp, hp), (lq, hq) = [(math.nan, math.nan) if r is None else tuple(math.nan if v is None else float(v) for v in r) for r in (range_p, range_q)]
+    one = lambda v: np.array([v], np.float64)  # noqa: E731
+    return float(_w1_pairs(edges, np.asarray(counts_p)[None], np.asarray(counts_q)[None], one(lp), one(hp), one(lq), one(hq))[0])
 
 
 def histogram_js(counts_p: np.ndarray, counts_q: np.ndarray, base: float = 2.0) -> np.ndarray:
@@ -180,10 +198,11 @@ def wasserstein1(
     hi = np.full(T, np.nan) if maximum is None else np.asarray(maximum, np.float64)
     _reference(lo, reference)  # validates `reference`
     out = np.full(T, np.nan)
-    for t in range(T):
-        r = t - 1 if reference == "previous" else 0
-        if r >= 0:
-            out[t] = histogram_w1(edges, counts[r], counts[t], (lo[r], hi[r]), (lo[t], hi[t]))
+    edges = np.asarray(edges, np.float64)
+    t = np.arange(1, T) if reference == "previous" else np.arange(T)  # rows with a reference
+    if len(t):
+        r = t - 1 if reference == "previous" else np.zeros_like(t)
+        out[t] = _w1_pairs(edges, counts[r], counts[t], lo[r], hi[r], lo[t], hi[t])
     return out
 
 
