@@ -244,8 +244,13 @@ def _slow_use_kernel(input, running_mean, running_var, weight, bias) -> bool:
     return True
 
 
-@torch._dynamo.assume_constant_result
 def _kernel_available() -> bool:
     """Build or load the kernel (first use in a process). Run for real even while ``torch.compile`` traces
     (its result is a constant to dynamo), so a model compiled before any eager call still gets the kernel."""
     return _op.loaded() or _op.load()
+
+
+# What torch.compiler.assume_constant_result(_kernel_available) does, without importing torch._dynamo
+# (1.5-2 s) whenever covshift is imported: dynamo reads this mark when it traces the call.
+# tests/ops/test_capture.py checks that the decorator still sets exactly this attribute.
+_kernel_available._dynamo_marked_constant = True  # type: ignore[attr-defined]
