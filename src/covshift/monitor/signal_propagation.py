@@ -21,7 +21,8 @@ with one row per sample:
   nonzero rows (Lubana et al. 2021: near 1 means the samples have become indistinguishable). The rows
   are not centered, as in those papers.
 
-Everything is computed in float64 (float32 on MPS) on the activation's device.
+Everything is computed in float64 (float32 on MPS) on the activation's device. The rank and similarity
+measures are :mod:`covshift.monitor.rank`; the search for residual blocks is :mod:`covshift.monitor.blocks`.
 
 **Blocks.** ``blocks=`` names them (names, globs or types, as ``MonitorConfig.layers``). By default
 they are the *residual blocks* of the model, found by running one forward: a module (not the model
@@ -50,19 +51,27 @@ statistics) and the CPU/CUDA RNG are restored afterwards, even on error.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from covshift._io import atomic_write_bytes
-from covshift.monitor.activations import _cuda_devices, _first_float_tensor, suspend_monitors
+from covshift.monitor.blocks import _as_args, _Frame, _tracking, _untouched, find_blocks
+from covshift.monitor.rank import (  # noqa: F401 - singular_values, mean_cosine_similarity: re-exported
+    _as_matrix,
+    _compute_dtype,
+    _rank_from,
+    _stable_from,
+    mean_cosine_similarity,
+    numerical_rank,
+    singular_values,
+    stable_rank,
+)
 from covshift.monitor.config import LayerSpec
 from covshift.monitor.selection import select_modules
 
@@ -85,89 +94,6 @@ Statistic = Literal[
 STATISTICS: tuple[str, ...] = (
     "channel_sq_mean", "channel_var", "residual_var", "numerical_rank", "stable_rank", "cosine_similarity",
 )
-
-
-# -- rank and similarity of a (N, D) matrix ------------------------------------------------------------
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float32 if t.device.type == "mps" else torch.float64
-
-
-def _as_matrix(a: Tensor, name: str) -> Tensor:
-    if a.dim() < 2:
-        raise ValueError(
-            f"{name}: expected a matrix (N, D) or a batch (N, *) of at least 2 dims, got shape "
-            f"{tuple(a.shape)}. Pass one row per sample."
-        )
-    return a.detach().reshape(a.shape[0], -1).to(_compute_dtype(a))
-
-
-def singular_values(m: Tensor) -> Tensor:
-    """Singular values of a matrix, descending; a wide (or tall) matrix is first reduced to its
-    square triangular factor by a QR of its tall orientation, which has the same singular values and
-    is backward stable (no Gram matrix, so nothing is squared), and much faster than an SVD of a
-    64 x 65536 batch."""
-    n, d = m.shape
-    if max(n, d) > 2 * min(n, d):
-        m = torch.linalg.qr(m.T if d > n else m, mode="r").R
-    return torch.linalg.svdvals(m)
-
-
-def _rank_from(s: Tensor, shape: tuple, dtype: torch.dtype, atol: Optional[float], rtol: Optional[float]) -> int:
-    if s.numel() == 0:
-        return 0
-    if rtol is None:
-        rtol = 0.0 if atol is not None else max(shape) * torch.finfo(dtype).eps
-    tau = max(float(atol or 0.0), float(rtol) * float(s[0]))
-    return int((s > tau).sum())
-
-
-def _stable_from(s: Tensor) -> float:
-    top = float(s[0]) if s.numel() else 0.0
-    return 0.0 if top == 0.0 else float((s * s).sum()) / top**2
-
-
-def numerical_rank(
-    a: Tensor, *, atol: Optional[float] = None, rtol: Optional[float] = None, eps_dtype: Optional[torch.dtype] = None
-) -> int:
-    r"""The number of singular values of ``a`` above a tolerance: :math:`\#\{i : \sigma_i > \tau\}`.
-
-    ``a`` is ``(N, D)``, or ``(N, *)`` flattened to one row per sample. The tolerance is
-    :math:`\tau = \max(\text{atol},\ \text{rtol} \cdot \sigma_{\max})`, with the defaults of
-    ``torch.linalg.matrix_rank`` / ``numpy.linalg.matrix_rank``: ``atol = 0`` and, when neither is
-    given, ``rtol = max(N, D) * eps``, where ``eps`` is the machine epsilon of ``eps_dtype`` (default
-    ``a.dtype``: the precision the values were computed in, so that rounding noise of a float32
-    activation does not count as rank). The singular values are computed in float64.
-    """
-    m = _as_matrix(a, "numerical_rank")
-    if m.numel() == 0:
-        return 0
-    dtype = eps_dtype or (a.dtype if a.is_floating_point() else torch.float32)
-    return _rank_from(singular_values(m), tuple(m.shape), dtype, atol, rtol)
-
-
-def stable_rank(a: Tensor) -> float:
-    r"""Stable rank :math:`\|A\|_F^2 / \|A\|_2^2 = \sum_i \sigma_i^2 / \sigma_{\max}^2` of ``a``.
-
-    ``a`` is ``(N, D)`` or ``(N, *)`` (one row per sample). It lies in :math:`[1, \operatorname{rank} A]`,
-    and, unlike the numerical rank, needs no threshold. A zero matrix has stable rank 0.
-    """
-    m = _as_matrix(a, "stable_rank")
-    return 0.0 if m.numel() == 0 else _stable_from(singular_values(m))
-
-
-def mean_cosine_similarity(a: Tensor) -> float:
-    r"""Mean of :math:`\cos(a_i, a_j)` over pairs :math:`i \ne j` of the nonzero rows of ``a`` (N, *).
-
-    NaN when fewer than two rows are nonzero (the cosine is undefined).
-    """
-    m = _as_matrix(a, "mean_cosine_similarity")
-    norms = torch.linalg.vector_norm(m, dim=1)
-    m = m[norms > 0] / norms[norms > 0, None]
-    k = m.shape[0]
-    if k < 2:
-        return float("nan")
-    total = torch.linalg.vector_norm(m.sum(0)) ** 2  # sum over all ordered pairs, diagonal included
-    return float((total - k) / (k * (k - 1)))
 
 
 # -- the result --------------------------------------------------------------------------------------
@@ -264,183 +190,6 @@ class SignalPropagation:
                         w.add_scalar(f"signal_propagation/{s}/{b}", float(values[i]), global_step=step)
         finally:
             w.close()
-
-
-# -- finding skip additions --------------------------------------------------------------------------
-_ADDS = (torch.add, torch.Tensor.add, torch.Tensor.add_)
-
-
-@dataclasses.dataclass
-class _Frame:
-    name: str
-    module: nn.Module
-    input: Optional[Tensor]
-    # tensors made by chains of direct children from `input`: id -> (calls from input, last child);
-    # `keep` holds them so that their ids stay unique while the module runs
-    depth: dict = dataclasses.field(default_factory=dict)
-    keep: list = dataclasses.field(default_factory=list)
-    skip_found: bool = False
-
-
-class _SkipFinder(TorchFunctionMode):
-    """Attributes every addition to the innermost module running and reports skip additions.
-
-    ``on_skip(frame, branch)`` is called before the addition runs (an in-place ``out += identity``
-    would overwrite the branch), once per module call, for the first skip addition.
-    """
-
-    def __init__(self, on_skip) -> None:
-        super().__init__()
-        self.stack: list[_Frame] = []
-        self.on_skip = on_skip
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _ADDS and len(args) >= 2 and self.stack:
-            frame = self.stack[-1]
-            a, b = args[0], args[1]
-            if not frame.skip_found and isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape:
-                branch = _branch_operand(frame, a, b)
-                if branch is not None:
-                    frame.skip_found = True
-                    alpha = kwargs.get("alpha", 1)
-                    self.on_skip(frame, branch if alpha == 1 else branch * alpha)
-        out = func(*args, **kwargs)
-        if self.stack and self.stack[-1].input is not None and isinstance(out, Tensor):
-            # a function of tracked tensors, run by this module's own forward: as far from the input
-            # as its nearest tracked argument (functions are not counted, only child calls)
-            frame = self.stack[-1]
-            ds = [d for d in (_depth(frame, t) for t in args if isinstance(t, Tensor)) if d is not None]
-            if ds and out is not frame.input and id(out) not in frame.depth:
-                frame.depth[id(out)] = min(ds, key=lambda d: d[0])
-                frame.keep.append(out)
-        return out
-
-
-def _branch_operand(frame: _Frame, a: Tensor, b: Tensor) -> Optional[Tensor]:
-    """The residual branch of ``a + b`` run by ``frame``'s module, or None if it is no skip addition.
-
-    The skip is the operand reached from the module's input through the fewest direct-child calls
-    (0: the input itself); the branch is the other one, which must be deeper or not reached that
-    way (a functional op broke the chain). Equal depths: the skip is the output of the child with
-    fewer parameters (a projection is smaller than the branch it bypasses).
-    """
-    if frame.input is None or frame.module is None or a is b:
-        return None
-    if a is frame.input or b is frame.input:  # the identity skip, whatever the branch's chain
-        return b if a is frame.input else a
-    da, db = _depth(frame, a), _depth(frame, b)
-    if da is None and db is None:
-        return None
-    if db is None or (da is not None and da[0] < db[0]):
-        return b
-    if da is None or db[0] < da[0]:
-        return a
-    if da[1] is None or db[1] is None or da[1] is db[1]:
-        return None
-    size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return b if size(da[1]) <= size(db[1]) else a
-
-
-def _depth(frame: _Frame, t: Tensor) -> Optional[tuple[int, Optional[nn.Module]]]:
-    return (0, None) if t is frame.input else frame.depth.get(id(t))
-
-
-@contextlib.contextmanager
-def _tracking(model: nn.Module, on_skip, on_output, on_call=None) -> Iterator[_SkipFinder]:
-    """Hooks on every module (a call stack, children fed the caller's input, outputs) and the
-    skip finder; all removed on exit, even on error."""
-    finder = _SkipFinder(on_skip)
-    handles = []
-    root = model
-
-    def pre(name: str, module: nn.Module, args: tuple) -> None:
-        finder.stack.append(_Frame(name, None if module is root else module, _first_float_tensor(args)))
-        if on_call is not None:
-            on_call(name)
-
-    def post(name: str, module: nn.Module, args: tuple, output: Any) -> None:
-        if not finder.stack or finder.stack[-1].name != name:
-            return  # an error unwound the stack; the forward is failing anyway
-        frame = finder.stack.pop()
-        out = _first_float_tensor(output)
-        if finder.stack and out is not None and frame.input is not None:
-            parent = finder.stack[-1]  # the caller: record how far `out` is from its input
-            d = _depth(parent, frame.input) if parent.input is not None else None
-            if d is not None and id(out) not in parent.depth and out is not parent.input:
-                parent.depth[id(out)] = (d[0] + 1, module)
-                parent.keep.append(out)
-        on_output(frame, out)
-
-    try:
-        for name, m in model.named_modules():
-            handles.append(m.register_forward_pre_hook(lambda mod, a, _n=name: pre(_n, mod, a)))
-            handles.append(m.register_forward_hook(lambda mod, a, o, _n=name: post(_n, mod, a, o), always_call=True))
-        with finder:
-            yield finder
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def _untouched(model: nn.Module, training: Optional[bool]) -> Iterator[None]:
-    """No grad, monitors suspended; modes, buffers and the RNG restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        with torch.no_grad(), suspend_monitors(), torch.random.fork_rng(devices=_cuda_devices(model)):
-            if training is not None:
-                model.train(training)
-            yield
-    finally:
-        for m, t in modes:
-            m.training = t
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-
-
-def _as_args(inputs: Any) -> tuple:
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-
-
-def find_blocks(model: nn.Module, inputs: Any, *, training: Optional[bool] = None) -> list[str]:
-    """The default blocks of :func:`signal_propagation` (rule in the module docstring), in call order.
-
-    Raises:
-        ValueError: the model has no residual module and no ``nn.Sequential`` with children.
-    """
-    residual: list[str] = []
-    called: list[str] = []
-
-    def on_skip(frame: _Frame, branch: Tensor) -> None:
-        if frame.name not in residual:
-            residual.append(frame.name)
-
-    def on_call(name: str) -> None:
-        if name not in called:
-            called.append(name)
-
-    with _untouched(model, training):
-        with _tracking(model, on_skip, lambda frame, out: None, on_call):
-            model(*_as_args(inputs))
-    outer = [n for n in residual if n and not any(_is_ancestor(o, n) for o in residual if o != n)]
-    if outer:
-        return sorted(outer, key=called.index)
-    seqs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Sequential) and len(m) > 0]
-    if not seqs:
-        raise ValueError(
-            f"blocks: found no residual block (a module whose forward adds a skip) and no nn.Sequential "
-            f"in this {type(model).__name__}. Pass blocks= with the module names to measure."
-        )
-    name, seq = max(seqs, key=lambda nm: len(nm[1]))
-    prefix = f"{name}." if name else ""
-    return [f"{prefix}{child}" for child, _ in seq.named_children()]
-
-
-def _is_ancestor(a: str, b: str) -> bool:
-    return a == "" or b.startswith(a + ".")
 
 
 # -- channel axis ------------------------------------------------------------------------------------
