@@ -13,9 +13,10 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import signal
-import threading
 import shutil
+import signal
+import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -131,7 +132,21 @@ def _worker(name: str, module: str, tasks, events, stop) -> None:
 
     It starts with SIGINT ignored (inherited from the parent, see :func:`run_processes`), so a Ctrl-C
     during its start-up cannot interrupt an import half-way; from here on Ctrl-C is a KeyboardInterrupt
-    again, and ``stop`` says whether the parent was interrupted meanwhile."""
+    again, and ``stop`` says whether the parent was interrupted meanwhile.
+
+    When the loop ends (sentinel or Ctrl-C) the worker makes sure every event has reached the pipe
+    and leaves with ``os._exit``: the interpreter's teardown with torch loaded takes about a second,
+    which the parent would otherwise wait for before it builds the report. Every file a unit writes
+    is closed by then. A worker that crashed exits the normal way (traceback, exit code 1)."""
+    _worker_loop(name, module, tasks, events, stop)
+    events.close()
+    events.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _worker_loop(name: str, module: str, tasks, events, stop) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
     from covshift.experiments.registry import load_origin
@@ -139,6 +154,7 @@ def _worker(name: str, module: str, tasks, events, stop) -> None:
     torch.set_num_threads(1)
     try:
         exp = load_origin(name, module)
+        warmed = False
         while True:
             if stop.is_set():
                 return
@@ -146,6 +162,9 @@ def _worker(name: str, module: str, tasks, events, stop) -> None:
             if item is None:
                 return
             unit, cfg, run_dir = item
+            if not warmed:
+                _warm_up(exp, cfg)
+                warmed = True
             try:
                 status = run_unit(exp, cfg, unit, Path(run_dir), lambda u, *a: events.put(("progress", u, a)))
                 events.put(("done", unit, status.get("status")))
@@ -160,6 +179,29 @@ def _worker(name: str, module: str, tasks, events, stop) -> None:
     except BaseException as e:
         events.put(("crash", None, f"{type(e).__name__}: {e}"))
         raise
+
+
+def _warm_up(exp: Experiment, cfg: ExperimentConfig) -> None:
+    """Before a worker's first unit: load its data while a thread imports ``torch._dynamo``.
+
+    The first ``torch.optim`` optimizer a process builds imports ``torch._dynamo`` (about a second);
+    reading and scaling the data mostly runs outside the GIL (zlib, numpy), so the two overlap. The
+    thread is joined before any unit code runs. A data error is left for the unit to raise and record.
+    """
+    import importlib
+
+    from covshift.experiments.declaration import _cached_dataset
+
+    if not exp.needs_data:
+        return
+    importer = threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True)
+    importer.start()
+    try:
+        _cached_dataset(cfg.data)
+    except Exception:
+        pass
+    finally:
+        importer.join()
 
 
 def run_processes(experiment: Experiment, jobs: list[tuple[Unit, ExperimentConfig]], run_dir: Path, progress: Optional[UnitProgress], workers: int) -> None:
