@@ -18,11 +18,13 @@ def count_batch(layer: _BatchNorm) -> Union[float, Tensor]:
     counter on the host would cost a device sync per step and break ``torch.compile`` graphs (with a
     recompile for every new batch size). :func:`~covshift.functional.batchnorm.update_running_stats`
     takes either form."""
-    if layer.num_batches_tracked is not None:
-        layer.num_batches_tracked.add_(1)
-        if layer.momentum is None:
-            return layer.num_batches_tracked.double().reciprocal()  # 1/n in double, as torch has it
-    return 0.0 if layer.momentum is None else layer.momentum
+    counter = layer.num_batches_tracked  # one Module.__getattr__ (this runs on every training step)
+    momentum = layer.momentum
+    if counter is not None:
+        counter.add_(1)
+        if momentum is None:
+            return counter.double().reciprocal()  # 1/n in double, as torch has it
+    return 0.0 if momentum is None else momentum
 
 
 def advance_running_stats(layer: _BatchNorm, mean: Tensor, var: Tensor, count: Union[int, float]) -> None:

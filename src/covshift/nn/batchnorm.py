@@ -139,27 +139,32 @@ class _BatchNormMixin:
             # the graph calls this layer (its mode, buffers and checks at run time) instead of inlining
             # one mode's trace of its Python.
             return input.tracer.create_proxy("call_module", input.tracer.path_of_module(self), (input,), {})
-        self._check_input_dim(input)
+        self._check_input_dim(input)  # always called: subclasses override it, as with torch's layers
         if input.shape[1] != self.num_features:
-            self._check_channels(input)
-        if self._nonfinite_batch(input):
+            self._check_channels(input)  # raises
+        if self.skip_nonfinite and self._nonfinite_batch(input):
             return batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward, so behaviour matches case by case.
-        # The factor only matters when running buffers are updated: training with tracked stats.
-        momentum = count_batch(self) if self.training and self.track_running_stats else 0.0
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        # Buffers are updated only when they are tracked; in eval they are read if they exist.
-        track = not self.training or self.track_running_stats
-        running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
-        weight, bias = self.weight, self.bias
+        # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward, so behaviour matches case by case; each
+        # attribute is read once (buffers and parameters go through Module.__getattr__, ~0.3 us a read).
+        if self.training:
+            use_batch_stats = True
+            if self.track_running_stats:  # the factor only matters when the buffers are updated
+                momentum = count_batch(self)
+                running_mean, running_var = self.running_mean, self.running_var
+            else:  # batch statistics, buffers untouched
+                momentum, running_mean, running_var = 0.0, None, None
+        else:  # eval reads the buffers if they exist; batch statistics if there are none
+            momentum, running_mean, running_var = 0.0, self.running_mean, self.running_var
+            use_batch_stats = running_mean is None and running_var is None
+        weight, bias, eps = self.weight, self.bias, self.eps
         if (
-            self.eps > 0
+            eps > 0
             and input.numel() > input.shape[1]  # more than one value per channel
             and dispatch.eager_float32(input, running_mean, running_var, weight, bias)
         ):
             # Everything batch_norm() would validate is known good here: skip straight to the kernel.
-            return run(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, self.eps, eager_float32=True)
-        return batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, self.eps)
+            return run(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, eager_float32=True)
+        return batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps)
 
 
 class BatchNorm1d(_BatchNormMixin, torch.nn.BatchNorm1d):

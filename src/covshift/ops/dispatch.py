@@ -142,6 +142,8 @@ def _warn_once(key: str, reason: str) -> None:
 
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_is_compiling = torch.compiler.is_compiling  # bound once: eager_float32 runs on every step of every layer
+_F32 = torch.float32
 
 
 def transformed(*tensors: Optional[Tensor]) -> bool:
@@ -180,17 +182,19 @@ def eager_float32(
     """The common case, decided in a few attribute reads (it runs on every step of every layer): eager,
     backend "auto", the kernel loaded, contiguous CPU float32 input and float32 CPU parameters, no
     forward-mode AD and no ``torch.func`` transform. Everything else goes through :func:`use_kernel`."""
+    if _is_compiling():  # first: under compile, dynamo must not read (and guard on) the handle
+        return False
+    f32 = _F32
     return (
-        not torch.compiler.is_compiling()  # first: under compile, dynamo must not read (and guard on) the handle
+        input.dtype is f32
         and _op.kernel is not None
         and _state.backend == "auto"
-        and input.dtype is torch.float32
         and input.is_cpu
         and input.is_contiguous()
-        and (weight is None or (weight.dtype is torch.float32 and weight.is_cpu))
-        and (bias is None or (bias.dtype is torch.float32 and bias.is_cpu))
-        and (running_mean is None or (running_mean.dtype is torch.float32 and running_mean.is_cpu))
-        and (running_var is None or (running_var.dtype is torch.float32 and running_var.is_cpu))
+        and (weight is None or (weight.dtype is f32 and weight.is_cpu))
+        and (bias is None or (bias.dtype is f32 and bias.is_cpu))
+        and (running_mean is None or (running_mean.dtype is f32 and running_mean.is_cpu))
+        and (running_var is None or (running_var.dtype is f32 and running_var.is_cpu))
         and forward_ad._current_level < 0
         and not (_is_wrapped(input) or (weight is not None and _is_wrapped(weight)) or (bias is not None and _is_wrapped(bias)))
     )
