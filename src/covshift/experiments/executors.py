@@ -204,8 +204,17 @@ def _warm_up(exp: Experiment, cfg: ExperimentConfig) -> None:
         importer.join()
 
 
-def run_processes(experiment: Experiment, jobs: list[tuple[Unit, ExperimentConfig]], run_dir: Path, progress: Optional[UnitProgress], workers: int) -> None:
+def run_processes(
+    experiment: Experiment,
+    jobs: list[tuple[Unit, ExperimentConfig]],
+    run_dir: Path,
+    progress: Optional[UnitProgress],
+    workers: int,
+    on_idle: Optional[Callable[[], None]] = None,
+) -> None:
     """The units on ``workers`` spawned processes, each taking the next unit when it finishes one.
+
+    ``on_idle()`` is called once, when fewer units remain than workers (a core is free from then on).
 
     On Ctrl-C the workers (same process group) record their units as interrupted and stop; the
     parent waits for them, then re-raises the KeyboardInterrupt.
@@ -246,6 +255,9 @@ def run_processes(experiment: Experiment, jobs: list[tuple[Unit, ExperimentConfi
                 progress(unit, *payload)
             elif kind == "done":
                 pending.discard(unit)
+                if on_idle is not None and pending and len(pending) < n:
+                    on_idle()
+                    on_idle = None
                 if payload == "interrupted":
                     interrupted = True
                 elif payload != "complete":

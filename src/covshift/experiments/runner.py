@@ -143,6 +143,15 @@ def _versions() -> dict:
     }
 
 
+def _prepare_report() -> None:
+    """Import the report's plotting stack (matplotlib, about a second) on a core that the units no
+    longer use, so that the report after the last unit does not wait for it."""
+    import importlib
+    import threading
+
+    threading.Thread(target=importlib.import_module, args=("covshift.experiments.plots",), daemon=True).start()
+
+
 def run_experiment(
     experiment: str,
     config: Optional[ExperimentConfig] = None,
@@ -215,7 +224,7 @@ def run_experiment(
         if config.executor == "ray":
             run_ray(exp, todo, run_dir, config.ray_address, on_done=lambda u, s: say(f"unit {u}: {s}"))
         elif workers:
-            run_processes(exp, todo, run_dir, progress, workers)
+            run_processes(exp, todo, run_dir, progress, workers, on_idle=_prepare_report)
         else:
             run_serial(exp, todo, run_dir, progress, data)
     except KeyboardInterrupt:
