@@ -6,7 +6,8 @@
     covshift export RUN_DIR                write the run's numbers and figures to docs/results/ and docs/images/
 
 Every field of the experiment's config is a flag of ``run``; a field that an arm or a sweep owns
-is rejected, naming the arm. Every error is one line on stderr and exit code 2; an interrupted
+is rejected, naming the arm, and so is one that the experiment never reads (``Experiment.reads``;
+``covshift run EXP --help`` lists only the options that apply). Every error is one line on stderr and exit code 2; an interrupted
 run exits 130 after saving.
 """
 
@@ -29,27 +30,31 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see `{self.prog} --help`)")
 
 
-def _config_class(argv: Sequence[str]) -> type:
-    """The config class of the experiment named after ``run`` (its fields are the flags)."""
-    from covshift.experiments.config import ExperimentConfig
+def _experiment(argv: Sequence[str]):
+    """The experiment named after ``run`` (its config's fields are the flags), or ``None``."""
     from covshift.experiments.registry import get_experiment
 
     if len(argv) >= 2 and argv[0] == "run" and not argv[1].startswith("-"):
-        return type(get_experiment(argv[1]).config)
-    return ExperimentConfig
+        return get_experiment(argv[1])
+    return None
 
 
-def _build_parser(config_cls: type) -> argparse.ArgumentParser:
-    from covshift.experiments.config import config_fields
+def _build_parser(exp=None) -> argparse.ArgumentParser:
+    from covshift.experiments.config import ExperimentConfig, config_fields
 
     parser = _Parser(prog="covshift", description="Batch Normalization and internal covariate shift, measured.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     sub.add_parser("list", help="list the experiments")
-    run = sub.add_parser("run", help="run an experiment (an existing --out is resumed)", argument_default=argparse.SUPPRESS)
+    # An experiment's options that it never reads stay parseable (so that giving one is a clear
+    # error from check_overrides) but are left out of its --help, which names them at the end.
+    ignored = exp.ignored_fields() if exp is not None else ()
+    epilog = f"options that do nothing in {exp.name} (rejected): " + ", ".join("--" + f.replace("_", "-") for f in ignored) if ignored else None
+    run = sub.add_parser("run", help="run an experiment (an existing --out is resumed)", argument_default=argparse.SUPPRESS, epilog=epilog)
     run.add_argument("experiment", help="experiment name (see `covshift list`)")
-    for name, hint, help_text in config_fields(config_cls):
+    for name, hint, help_text in config_fields(type(exp.config) if exp is not None else ExperimentConfig):
         flag = "--" + name.replace("_", "-")
+        help_text = argparse.SUPPRESS if name in ignored else help_text
         if hint is bool:
             run.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -167,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from covshift.experiments.runner import RunDirError
 
     try:
-        args = _build_parser(_config_class(argv)).parse_args(argv)
+        args = _build_parser(_experiment(argv)).parse_args(argv)
         if args.version:
             import covshift
 

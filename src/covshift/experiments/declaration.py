@@ -52,6 +52,16 @@ example, with its own config fields (every field is a ``--flag``)::
         claims=(Claim("ln", "LayerNorm trains better.", "nobody 2024", ln_beats_plain, tolerance=0.0),),
     ))
 
+A unit function reads only some config fields; ``reads=`` lists them (the default ``None``: every
+field, as the training loop does), and the CLI then rejects any other option, since it would do
+nothing in this experiment. ``instead=`` says, per ignored field, which option does that job there::
+
+    register(Experiment(..., unit_fn=probe_unit, reads=frozenset({"hidden", "batch_size", "seeds"}),
+                        instead={"steps": "the probe measures at initialization, without training"}))
+
+Execution fields (:data:`~covshift.experiments.config.EXECUTION_FIELDS`), ``data`` (when
+``needs_data``) and the sweep grids' fields are always accepted.
+
 ``Axis("hidden", "widths")`` with an int grid sets a tuple field from each value: an axis value is
 converted by ``Axis.convert`` (default: a tuple field gets ``(value,)``; give ``convert=`` for
 anything else, e.g. ``lambda d: (128,) * d`` for depths).
@@ -67,7 +77,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
-from covshift.experiments.config import ConfigError, ExperimentConfig, apply_overrides
+from covshift.experiments.config import EXECUTION_FIELDS, ConfigError, ExperimentConfig, apply_overrides
 
 if TYPE_CHECKING:  # heavy or circular at import time
     from matplotlib.figure import Figure
@@ -182,14 +192,38 @@ class FigureSpec:
     draw: Callable[["LoadedRun"], Optional["Figure"]]
 
 
+Bounds = tuple[float, float]
+
+
 @dataclass(frozen=True)
 class Metric:
-    """A headline number: ``compute(unit)`` per unit; reported as mean and interval over seeds."""
+    """A headline number: ``compute(unit)`` per unit; reported as mean and interval over seeds.
+
+    Attributes:
+        name: its key in ``summary.json``.
+        label: its column in the report's table.
+        compute: ``compute(unit) -> float | None``.
+        digits: decimals shown.
+        bounds: the range the metric can take (``(0.0, 1.0)`` for an accuracy, ``(0.0, math.inf)``
+            for a norm, ``(-1.0, 1.0)`` for a cosine), or ``bounds(config) -> (lo, hi)`` when it
+            depends on the settings (a rank is at most the layer's width); ``None``: unbounded.
+            The Student-t interval, symmetric about the mean, can reach past it (an accuracy of
+            0.99, 1.0, 1.0 gives ``[0.985, 1.006]``); the report clips it to the bounds and marks it
+            (:meth:`covshift.experiments.stats.Estimate.clip`).
+    """
 
     name: str
     label: str
     compute: Callable[["LoadedUnit"], Optional[float]]
     digits: int = 4
+    bounds: Union[None, Bounds, Callable[[ExperimentConfig], Bounds]] = None
+
+    def bounds_for(self, config: ExperimentConfig) -> Optional[Bounds]:
+        """The feasible range under ``config`` (``None``: unbounded)."""
+        b = self.bounds(config) if callable(self.bounds) else self.bounds
+        if b is not None and not b[0] <= b[1]:
+            raise ValueError(f"metric {self.name!r}: bounds must be (lo, hi) with lo <= hi, got {b}")
+        return b
 
 
 class Verdict(enum.Enum):
@@ -348,6 +382,14 @@ class Experiment:
         findings: ``findings(run) -> [sentence, ...]``: what the figures show, for the report.
         notes: the settings that differ from the paper, and why (plain text, one item per entry).
         unit_fn: ``unit_fn(ctx) -> dict`` runs one unit; ``None``: the training loop.
+        reads: the config fields that change what this experiment measures or reports, read by its
+            units (``unit_fn``, ``build_model``, ``layers``) or by its metrics, claims, figures and
+            findings (``run.config``); ``None``: every field (the training loop reads them all).
+            The CLI rejects an option outside it (:meth:`check_overrides`). Execution fields,
+            ``data`` (when ``needs_data``) and the sweep grids' fields are always read.
+        instead: for fields outside ``reads``, why the field does nothing here, for the CLI's error,
+            naming the option that does that job if there is one (``{"hidden": "its networks are
+            --width wide"}``).
         needs_data: whether units read ``ctx.data`` (the runner then checks the data before any unit starts).
         build_model: ``build_model(config, data) -> nn.Module`` for the training loop.
         watch: module-name globs the training loop's activation monitor records (default: the
@@ -372,6 +414,8 @@ class Experiment:
     needs_data: bool = True
     build_model: Callable[[ExperimentConfig, "Dataset"], "nn.Module"] = _default_build_model
     watch: tuple[str, ...] = ()
+    reads: Optional[frozenset[str]] = None
+    instead: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.arms:
@@ -387,6 +431,16 @@ class Experiment:
         for axis in self.sweep:
             if axis.field not in known or (isinstance(axis.values, str) and axis.values not in known):
                 raise ValueError(f"experiment {self.name!r}: sweep axis {axis.field!r} names an unknown config field")
+        if self.reads is not None:
+            if isinstance(self.reads, str) or not all(isinstance(k, str) for k in self.reads):
+                raise ValueError(f"experiment {self.name!r}: reads must be a set of config field names, got {self.reads!r}")
+            object.__setattr__(self, "reads", frozenset(self.reads))
+            bad = sorted(k for k in self.reads if k not in known)
+            if bad:
+                raise ValueError(f"experiment {self.name!r}: reads names unknown config fields {bad}")
+        bad = sorted(k for k in self.instead if k not in known or self.accepts(k))
+        if bad:
+            raise ValueError(f"experiment {self.name!r}: instead= is for fields it does not read; {bad} are unknown or read")
 
     # --- arms and roles
     def arm(self, name: str) -> Arm:
@@ -422,12 +476,31 @@ class Experiment:
             owners.setdefault(axis.field, []).append(f"the sweep over {axis.label or axis.field}{grid}")
         return {k: "; ".join(v) for k, v in owners.items()}
 
+    def accepts(self, name: str) -> bool:
+        """Whether a setting of config field ``name`` can change this experiment's results (or how it runs):
+        it is in ``reads`` (every field when ``reads`` is ``None``), an execution field, ``data`` of an
+        experiment that reads data, or a sweep grid's field."""
+        if self.reads is None or name in self.reads or name in EXECUTION_FIELDS:
+            return True
+        if name == "data":
+            return self.needs_data
+        return any(isinstance(a.values, str) and a.values == name for a in self.sweep)
+
+    def ignored_fields(self) -> tuple[str, ...]:
+        """The config fields this experiment never reads (the CLI rejects them), in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(self.config) if not self.accepts(f.name))
+
     def check_overrides(self, overrides: Mapping[str, Any]) -> None:
-        """Raise :class:`ConfigError` for a CLI override of a field the declaration sets."""
+        """Raise :class:`ConfigError` for a CLI override of a field the declaration sets (an arm or a
+        sweep owns it), or of one that this experiment does not read (it would do nothing)."""
         owned = self.owned_fields()
         for k in overrides:
+            flag = f"--{k.replace('_', '-')}"
             if k in owned:
-                raise ConfigError(f"--{k.replace('_', '-')} is set by {self.name}'s declaration ({owned[k]}); it cannot be given on the command line")
+                raise ConfigError(f"{flag} is set by {self.name}'s declaration ({owned[k]}); it cannot be given on the command line")
+            if not self.accepts(k):
+                why = self.instead.get(k, "none of its units, metrics or claims reads it")
+                raise ConfigError(f"{flag} does nothing in {self.name} ({why}); drop it")
 
     # --- units
     def points(self, config: ExperimentConfig) -> list[tuple[tuple[str, Any], ...]]:

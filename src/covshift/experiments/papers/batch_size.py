@@ -37,7 +37,7 @@ from torch import nn
 
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.declaration import Arm, Axis, Claim, ClaimResult, Experiment, FigureSpec, Metric, Role, UnitContext, Verdict
-from covshift.experiments.papers.common import doc_field, he_init_, not_evaluated, tensors, train_classifier
+from covshift.experiments.papers.common import EVAL_SCHEDULE_FIELDS, MONITOR_FIELDS, PROBABILITY, doc_field, he_init_, hints, not_evaluated, tensors, train_classifier
 from covshift.experiments.papers.plotting import new_figure, sweep_band
 from covshift.experiments.registry import register
 from covshift.experiments.stats import estimate
@@ -55,7 +55,6 @@ class BatchSizeConfig(ExperimentConfig):
     base_batch: int = doc_field("the batch size at which the learning rate is --lr (lr scales with batch / base-batch)", default=32)
     channels: tuple[int, ...] = doc_field("output channels of the two conv layers", default=(16, 32))
     groups: int = doc_field("GroupNorm's number of groups", default=8)
-    flat_tolerance: float = doc_field("the largest rise of test error (batch 2 vs the largest) that counts as 'about flat'", default=0.02)
     converged_error: float = doc_field(
         "the claims are judged only if every norm's mean test error at the largest batch is at most this (trained to convergence)", default=0.02
     )
@@ -230,7 +229,17 @@ BATCH_SIZE = register(
         ),
         sweep=(Axis("batch_size", "batch_sizes", label="batch size", log=True),),
         unit_fn=batch_size_unit,
-        metrics=(Metric("test_error", "test error", _error),),
+        # batch_size_unit: samples, batch_size (the sweep), lr, base_batch, channels, norm, groups (GroupNorm),
+        # seeds, momentum, data; the claims read converged_error and samples.
+        reads=frozenset({"samples", "batch_size", "lr", "base_batch", "channels", "norm", "groups", "seeds", "momentum", "converged_error"}),
+        instead=hints({
+            "batch-size trains on --samples examples (steps = samples / batch size)": ("steps",),
+            "the network is a fixed two-conv ReLU CNN, sized by --channels and He-initialized": ("hidden", "activation", "init_std"),
+            "batch-size trains with SGD (--momentum is read)": ("optimizer",),
+            "test error is measured once, at the end of training": ("eval_every", *EVAL_SCHEDULE_FIELDS),
+            "batch-size runs without the activation monitor": MONITOR_FIELDS,
+        }),
+        metrics=(Metric("test_error", "test error", _error, bounds=PROBABILITY),),
         claims=(
             Claim(
                 "bn-degrades",

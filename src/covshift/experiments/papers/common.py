@@ -9,6 +9,8 @@
   called before chosen steps (for measurements), and divergence detection (a non-finite loss stops
   the run and is recorded).
 * :func:`not_evaluated`: the verdict of a claim that could not be evaluated, with its reason.
+* :data:`HE_MLP_READS`, :data:`MONITOR_FIELDS`, :func:`hints`: what the experiments' declarations
+  say they read (``Experiment.reads``) and the hints for what they do not.
 """
 
 from __future__ import annotations
@@ -25,7 +27,26 @@ from torch import nn
 from covshift.experiments.declaration import ClaimResult, Verdict
 from covshift.experiments.models import MLP
 
-__all__ = ["he_mlp", "he_init_", "train_classifier", "TrainResult", "evaluate", "batch_indices", "not_evaluated", "tensors", "doc_field"]
+__all__ = ["he_mlp", "he_init_", "train_classifier", "TrainResult", "evaluate", "batch_indices", "not_evaluated", "tensors", "doc_field",
+           "HE_MLP_READS", "MONITOR_FIELDS", "EVAL_SCHEDULE_FIELDS", "hints", "PROBABILITY", "NON_NEGATIVE", "COSINE"]
+
+# The config fields he_mlp reads: the widths, the norm, the nonlinearity and the seed (not
+# init_std: the weights are He-initialized).
+HE_MLP_READS = frozenset({"hidden", "norm", "activation", "seeds"})
+# Read only by the toolbox's training loop with its activation monitor and gradient ICS.
+MONITOR_FIELDS = ("monitor_every", "ics_every", "units", "probe_size", "tensorboard")
+# The training loop's early, finer evaluation grid (train_classifier evaluates every eval_every steps).
+EVAL_SCHEDULE_FIELDS = ("eval_every_early", "early_fraction")
+HE_INIT = "the networks are He-initialized, N(0, 2/fan-in)"
+# Metric.bounds of the quantities the experiments report: the range the values can take.
+PROBABILITY = (0.0, 1.0)  # accuracies, error rates
+NON_NEGATIVE = (0.0, math.inf)  # norms, ranges, ratios of norms, ranks
+COSINE = (-1.0, 1.0)
+
+
+def hints(groups: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """``Experiment.instead`` from ``{hint: (field, ...)}``: every field of a group gets its hint."""
+    return {f: hint for hint, fields in groups.items() for f in fields}
 
 
 def doc_field(text: str, **kw: Any) -> Any:

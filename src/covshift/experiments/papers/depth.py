@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.declaration import Arm, Axis, Claim, ClaimResult, Experiment, FigureSpec, Metric, Role, UnitContext, Verdict
-from covshift.experiments.papers.common import doc_field as _doc, he_mlp, not_evaluated, tensors
+from covshift.experiments.papers.common import EVAL_SCHEDULE_FIELDS, HE_INIT, HE_MLP_READS, MONITOR_FIELDS, doc_field as _doc, he_mlp, hints, not_evaluated, tensors
 from covshift.experiments.papers.gradient_ratio import log_gradient_ratio
 from covshift.experiments.papers.plotting import arm_color, new_figure, sweep_band
 from covshift.experiments.registry import register
@@ -50,7 +50,6 @@ class DepthConfig(ExperimentConfig):
     depth: int = _doc("hidden layers of the network (set by the sweep)", default=4)
     width: int = _doc("units per hidden layer", default=128)
     depths: tuple[int, ...] = _doc("numbers of hidden layers, the sweep's grid", default=(4, 8, 16, 32, 64, 128))
-    min_r2: float = _doc("the least R^2 of a line fit that counts as 'grows linearly with depth'", default=0.9)
     flat_slope: float = _doc("the plain network is 'flat' when its slope of the log gradient ratio per layer lies within plus or minus this (95 percent interval)", default=0.01)
 
 
@@ -267,6 +266,12 @@ def _figure_signal(run):
     return fig
 
 
+def _rank_bounds(cfg) -> tuple[float, float]:
+    """A rank of the (batch, width) representation lies in [0, min(batch, width)]; the stable rank
+    ||Y||_F^2 / ||Y||_2^2 is at most the numerical rank."""
+    return (0.0, float(min(cfg.batch_size, cfg.width)))
+
+
 def _slope_metric(u):  # per-unit metrics are per depth; the slope is a claim-level number
     return _result(u, "log_grad_ratio")
 
@@ -278,7 +283,8 @@ DEPTH = register(
         summary="deep MLPs at initialization (depth 4-128, width 128): gradient explosion and rank collapse, with and without BN and LayerNorm",
         paper="Yang et al. 2019; Daneshmand et al. 2020; Brock et al. 2021",
         question="At initialization, does BN make gradients explode with depth, and does it keep the representation's rank from collapsing?",
-        config=DepthConfig(activation="relu", batch_size=128, steps=1, eval_every=1, probe_size=0, ics_every=0, seeds=(0, 1, 2)),
+        config=DepthConfig(activation="relu", batch_size=128, steps=1, eval_every=1, probe_size=0, ics_every=0, seeds=(0, 1, 2),
+                           units=()),  # no single units are recorded; (0..7) would refuse a --width below 8
         arms=(
             Arm("none", Role.BASELINE, "no normalization (He init)", {"norm": "none"}, color="#d1495b"),
             Arm("bn", Role.TREATMENT, "BatchNorm", {"norm": "bn"}, color="#00798c"),
@@ -286,10 +292,21 @@ DEPTH = register(
         ),
         sweep=(Axis("depth", "depths", label="depth (hidden layers)", log=True),),
         unit_fn=depth_unit,
+        # depth_unit: width, depth (the sweep), batch_size, data, and he_mlp's fields (hidden is replaced
+        # by width x depth); the gradient-explosion claim reads flat_slope.
+        reads=(HE_MLP_READS - {"hidden"}) | {"width", "depth", "batch_size", "flat_slope"},
+        instead=hints({
+            "depth's networks are --width wide and --depths deep": ("hidden",),
+            "depth measures at initialization, without training": ("steps", "optimizer", "lr", "momentum", "eval_every", *EVAL_SCHEDULE_FIELDS),
+            "depth measures signal propagation itself, without the activation monitor": MONITOR_FIELDS,
+            HE_INIT: ("init_std",),
+        }),
         metrics=(
             Metric("log_grad_ratio", "ln(first / last hidden layer's gradient norm)", _slope_metric, digits=3),
-            Metric("stable_rank", "stable rank of the last hidden representation", lambda u: _result(u, "stable_rank"), digits=2),
-            Metric("numerical_rank", "numerical rank of the last hidden representation", lambda u: _result(u, "numerical_rank"), digits=1),
+            Metric("stable_rank", "stable rank of the last hidden representation", lambda u: _result(u, "stable_rank"), digits=2,
+                   bounds=_rank_bounds),
+            Metric("numerical_rank", "numerical rank of the last hidden representation", lambda u: _result(u, "numerical_rank"), digits=1,
+                   bounds=_rank_bounds),
         ),
         claims=(
             Claim(

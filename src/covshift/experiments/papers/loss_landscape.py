@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.declaration import Arm, Claim, ClaimResult, Experiment, FigureSpec, Metric, Role, UnitContext, Verdict
-from covshift.experiments.papers.common import doc_field, he_mlp, not_evaluated, tensors, train_classifier
+from covshift.experiments.papers.common import EVAL_SCHEDULE_FIELDS, HE_INIT, HE_MLP_READS, MONITOR_FIELDS, NON_NEGATIVE, PROBABILITY, doc_field, he_mlp, hints, not_evaluated, tensors, train_classifier
 from covshift.experiments.papers.landscape import landscape_point
 from covshift.experiments.papers.plotting import arm_color, new_figure
 from covshift.experiments.registry import register
@@ -151,15 +151,25 @@ LANDSCAPE = register(
         summary="an MNIST ReLU MLP with and without BN at one learning rate: loss and gradient change along the gradient during training",
         paper="Santurkar et al. 2018, section 3.1, Figure 4",
         question="Along the gradient, does BN make the loss and its gradient change less (a smoother landscape)?",
-        config=LandscapeConfig(activation="relu", steps=3000, batch_size=60, lr=0.1, eval_every=500, probe_size=0, ics_every=0, seeds=(0, 1, 2)),
+        config=LandscapeConfig(activation="relu", steps=3000, batch_size=60, lr=0.1, eval_every=500, probe_size=0, ics_every=0,
+                               units=(), seeds=(0, 1, 2)),  # units=(): no single units are recorded, so any --hidden is valid
         arms=(
             Arm("none", Role.BASELINE, "no normalization", {"norm": "none"}, color="#d1495b"),
             Arm("bn", Role.TREATMENT, "BatchNorm", {"norm": "bn"}, color="#00798c"),
         ),
         unit_fn=landscape_unit,
+        # landscape_unit: he_mlp's fields, steps, batch_size, lr, momentum, eval_every, step_sizes,
+        # landscape_every, data.
+        reads=HE_MLP_READS | {"steps", "batch_size", "lr", "momentum", "eval_every", "step_sizes", "landscape_every"},
+        instead=hints({
+            HE_INIT: ("init_std",),
+            "landscape trains with SGD (--momentum is read)": ("optimizer",),
+            "test accuracy is measured every --eval-every steps and at the end": EVAL_SCHEDULE_FIELDS,
+            "landscape measures every --landscape-every steps, without the activation monitor": MONITOR_FIELDS,
+        }),
         metrics=(
-            Metric("test_acc", "final test accuracy", lambda u: u.final("test_acc")),
-            *(Metric(k, f"{label} (mean over training)", mean_measure(k), digits=4) for k, label in MEASURES.items()),
+            Metric("test_acc", "final test accuracy", lambda u: u.final("test_acc"), bounds=PROBABILITY),
+            *(Metric(k, f"{label} (mean over training)", mean_measure(k), digits=4, bounds=NON_NEGATIVE) for k, label in MEASURES.items()),
         ),
         claims=(
             Claim(

@@ -36,7 +36,7 @@ import numpy as np
 
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.declaration import Arm, Axis, Claim, ClaimResult, Experiment, FigureSpec, Metric, Role, UnitContext, Verdict
-from covshift.experiments.papers.common import doc_field, he_mlp, not_evaluated, tensors, train_classifier
+from covshift.experiments.papers.common import EVAL_SCHEDULE_FIELDS, HE_INIT, HE_MLP_READS, MONITOR_FIELDS, PROBABILITY, doc_field, he_mlp, hints, not_evaluated, tensors, train_classifier
 from covshift.experiments.papers.plotting import arm_color, new_figure, sweep_band
 from covshift.experiments.registry import register
 
@@ -240,15 +240,25 @@ LR_SWEEP = register(
         summary="a logarithmic learning-rate grid for an MNIST ReLU MLP with and without BN: final accuracy and divergences",
         paper="Bjorck et al. 2018; Ioffe & Szegedy 2015 (BN-x5, BN-x30)",
         question="Does BN make learning rates trainable that are at least 10x larger, without losing the best accuracy?",
-        config=LrSweepConfig(activation="relu", steps=1000, batch_size=60, eval_every=1000, eval_every_early=1000, probe_size=0, ics_every=0, seeds=(0, 1, 2)),
+        config=LrSweepConfig(activation="relu", steps=1000, batch_size=60, eval_every=1000, eval_every_early=1000, probe_size=0, ics_every=0,
+                             units=(), seeds=(0, 1, 2)),  # units=(): no single units are recorded, so any --hidden is valid
         arms=(
             Arm("none", Role.BASELINE, "no normalization", {"norm": "none"}, color="#d1495b"),
             Arm("bn", Role.TREATMENT, "BatchNorm", {"norm": "bn"}, color="#00798c"),
         ),
         sweep=(Axis("lr", "lrs", label="learning rate", log=True),),
         unit_fn=lr_unit,
+        # lr_unit: he_mlp's fields, steps, batch_size, lr (the sweep), momentum, eval_every, data; the claims,
+        # findings and figure read trains_threshold (and steps, in the figure's label).
+        reads=HE_MLP_READS | {"steps", "batch_size", "lr", "momentum", "eval_every", "trains_threshold"},
+        instead=hints({
+            HE_INIT: ("init_std",),
+            "lr-sweep trains with SGD (--momentum is read)": ("optimizer",),
+            "test accuracy is measured every --eval-every steps and at the end": EVAL_SCHEDULE_FIELDS,
+            "lr-sweep runs without the activation monitor": MONITOR_FIELDS,
+        }),
         metrics=(
-            Metric("test_acc", "final test accuracy", lambda u: _result(u, "test_acc")),
+            Metric("test_acc", "final test accuracy", lambda u: _result(u, "test_acc"), bounds=PROBABILITY),
         ),
         claims=(
             Claim(

@@ -36,6 +36,7 @@ before the run: a quarter smaller ICS, or a cosine 0.05 closer to 1, would count
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -43,7 +44,7 @@ import numpy as np
 
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.declaration import Arm, Claim, ClaimResult, Experiment, FigureSpec, Layer, Metric, Role, Verdict
-from covshift.experiments.papers.common import he_mlp, not_evaluated
+from covshift.experiments.papers.common import COSINE, HE_INIT, NON_NEGATIVE, PROBABILITY, he_mlp, not_evaluated
 from covshift.experiments.papers.plotting import arm_color, new_figure
 from covshift.experiments.registry import register
 from covshift.experiments.stats import Estimate
@@ -341,12 +342,16 @@ SANTURKAR_NOISE = register(
         ),
         layers=_layers,
         build_model=he_mlp,
+        # the toolbox's training loop reads every field; he_mlp draws He weights, so init_std is unused
+        reads=frozenset(f.name for f in dataclasses.fields(ExperimentConfig)) - {"init_std"},
+        instead={"init_std": HE_INIT},
         findings=findings,
         metrics=(
-            Metric("final_test_acc", "final test accuracy", _final_acc),
-            Metric("instability", "per-step instability: mean |standardized mean shift| of single units between consecutive steps", instability, digits=4),
-            Metric("ics_l2", "gradient ICS l2 (mean over training, layers 2+)", ics_mean("l2_diff"), digits=4),
-            Metric("ics_cosine", "gradient ICS cosine (mean over training, layers 2+)", ics_mean("cosine"), digits=4),
+            Metric("final_test_acc", "final test accuracy", _final_acc, bounds=PROBABILITY),
+            Metric("instability", "per-step instability: mean |standardized mean shift| of single units between consecutive steps", instability, digits=4,
+                   bounds=NON_NEGATIVE),
+            Metric("ics_l2", "gradient ICS l2 (mean over training, layers 2+)", ics_mean("l2_diff"), digits=4, bounds=NON_NEGATIVE),
+            Metric("ics_cosine", "gradient ICS cosine (mean over training, layers 2+)", ics_mean("cosine"), digits=4, bounds=COSINE),
         ),
         claims=(
             Claim(
