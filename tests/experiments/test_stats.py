@@ -46,3 +46,25 @@ def test_steps_to_reach_reports_the_grid_resolution():
     assert steps_to_reach(steps, acc, 0.85) == (800, 500)  # crossed in (300, 800]
     assert steps_to_reach(steps, acc, 0.05) == (0, 0)
     assert steps_to_reach(steps, acc, 0.99) == (None, None)
+
+
+def test_interval_is_clipped_to_bounds_and_says_so():
+    v = [0.99, 1.0, 1.0]
+    raw = estimate(v)
+    assert raw.hi > 1.0 and not raw.clipped  # the symmetric t interval reaches past 1
+    e = estimate(v, bounds=(0.0, 1.0))
+    assert (e.mean, e.lo, e.hi, e.n) == (raw.mean, raw.lo, 1.0, 3) and e.clipped and e.raw == (raw.lo, raw.hi)
+    assert e.to_dict()["ci95"] == [raw.lo, 1.0] and e.to_dict()["ci95_unclipped"] == [raw.lo, raw.hi]
+    assert e.format(3).endswith("1.000]\u2020") and not raw.format(3).endswith("\u2020")
+    inside = estimate([0.4, 0.5, 0.6], bounds=(0.0, 1.0))  # an interval inside the range is untouched
+    assert not inside.clipped and "ci95_unclipped" not in inside.to_dict() and inside == estimate([0.4, 0.5, 0.6])
+    low = estimate([0.0, 0.0, 0.3], bounds=(0.0, math.inf))
+    assert low.lo == 0.0 and low.hi == estimate([0.0, 0.0, 0.3]).hi
+    one = estimate([1.0], bounds=(0.0, 1.0))  # one value: no interval, nothing to clip
+    assert one.lo is None and not one.clipped
+
+
+def test_values_outside_their_declared_range_are_an_error():
+    with pytest.raises(ValueError, match=r"outside their declared range \[0, 1\]"):
+        estimate([0.5, 1.2], bounds=(0.0, 1.0))
+    assert estimate([1.0 + 1e-9, 0.9], bounds=(0.0, 1.0)).hi <= 1.0  # rounding slack: a cosine of 1 + 1e-9

@@ -5,8 +5,10 @@
 experiment, on a finished run, an interrupted one, or units merged from several machines,
 and again later through ``covshift report RUN_DIR`` without rerunning anything.
 
-Numbers over seeds are the mean and a 95% Student-t interval (:mod:`covshift.experiments.stats`);
-differences between arms are paired by seed.
+Numbers over seeds are the mean and a 95% Student-t interval (:mod:`covshift.experiments.stats`),
+clipped to the metric's declared range (``Metric.bounds``) where it reaches past it, and then marked
+with a dagger in the table and given with ``ci95_unclipped`` in ``summary.json``; differences
+between arms are paired by seed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Union
 from covshift._io import atomic_write_json, atomic_write_text
 from covshift.experiments.declaration import Verdict
 from covshift.experiments.results import LoadedRun, RunLoadError, load_run
-from covshift.experiments.stats import CI_METHOD, Estimate
+from covshift.experiments.stats import CI_METHOD, CLIPPED_MARK, Estimate
 
 __all__ = ["build_report", "ReportError", "evaluate_claims", "metric_table"]
 
@@ -46,7 +48,7 @@ def metric_table(run: LoadedRun) -> tuple[list[dict], dict]:
                    "complete": sum(u.complete for u in units)}
             numbers[key] = {}
             for m in run.experiment.metrics:
-                est = run.estimate(m.compute, arm.name, point)
+                est = run.estimate(m.compute, arm.name, point, bounds=m.bounds_for(run.config))
                 numbers[key][m.name] = est.to_dict()
                 row[m.label] = est.format(m.digits) if est.n else "n/a"
             rows.append(row)
@@ -146,6 +148,12 @@ def _html(run: LoadedRun, rows: list[dict], claims: list[dict], findings: list[s
         f"<th>weights (gradient ICS)</th></tr>{layer_rows}</table>" if layer_rows else ""
     )
     seeds = run.seeds()
+    clip_note = (
+        f'<p class="muted">{CLIPPED_MARK} The Student-t interval, symmetric about the mean, reached past the '
+        "metric's possible range (for example above 1 for an accuracy) and is clipped to it; the mean is not changed, "
+        "and summary.json gives the unclipped ends (ci95_unclipped).</p>"
+        if any(CLIPPED_MARK in str(v) for r in rows for v in r.values()) else ""
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>covshift {esc(exp.name)}: {esc(run.dir.name)}</title>
 <style>{_CSS}</style></head><body>
@@ -159,6 +167,7 @@ run {esc(run.dir.name)}, started {esc(str(meta.get('started', '')))}, seeds {esc
 <h2>Headline numbers</h2>
 <p class="muted">{esc(CI_METHOD)} (with one seed: the value, no interval). Differences between networks are paired by seed.</p>
 {table(rows)}
+{clip_note}
 {''.join(f'<p>{esc(f)}</p>' for f in findings)}
 <h2>Figures</h2>
 {figs_html}

@@ -172,11 +172,25 @@ class LoadedRun:
         return found[0] if found else None
 
     def points(self) -> list[tuple]:
+        """The sweep points present, in the sweep's order (:meth:`point_order`): every table row, figure
+        curve and legend entry follows it, so depth 16 comes before depth 128 and lr 0.01 before 0.1."""
         seen: list[tuple] = []
         for u in self.units:
             if u.unit.point not in seen:
                 seen.append(u.unit.point)
-        return seen
+        return sorted(seen, key=self.point_order)
+
+    def point_order(self, point: tuple) -> tuple:
+        """The sort key of a sweep point: axis by axis, its value's position in the declared grid
+        (``Axis.grid`` of the run's config); a value not in the grid (a unit copied in from a run
+        with another grid) after the grid's values, numbers numerically, then tuples, then text."""
+        grids = {a.field: a.grid(self.config) for a in self.experiment.sweep}
+        key = []
+        for field_name, value in point:
+            grid = grids.get(field_name, ())
+            pos = next((i for i, g in enumerate(grid) if _same_value(g, value)), None)
+            key.append((0, pos, ()) if pos is not None else (1, 0, _natural(value)))
+        return tuple(key)
 
     def groups(self) -> list[tuple[Arm, tuple, str]]:
         """``(arm, point, label)`` for every arm and sweep point present: what a figure draws one curve or column for."""
@@ -201,9 +215,11 @@ class LoadedRun:
     def per_seed(self, fn: Callable[[LoadedUnit], Optional[float]], arm: str, point: Optional[tuple] = None) -> dict[int, Optional[float]]:
         return {u.seed: fn(u) for u in self.units_of(arm, point)}
 
-    def estimate(self, fn: Callable[[LoadedUnit], Optional[float]], arm: str, point: Optional[tuple] = None) -> Estimate:
-        """Mean and 95% interval of ``fn(unit)`` over the seeds of ``arm``."""
-        return estimate(list(self.per_seed(fn, arm, point).values()))
+    def estimate(self, fn: Callable[[LoadedUnit], Optional[float]], arm: str, point: Optional[tuple] = None,
+                 bounds: Optional[tuple[float, float]] = None) -> Estimate:
+        """Mean and 95% interval of ``fn(unit)`` over the seeds of ``arm`` (clipped to ``bounds``, the
+        values' possible range, when given: :func:`covshift.experiments.stats.estimate`)."""
+        return estimate(list(self.per_seed(fn, arm, point).values()), bounds=bounds)
 
     def paired(self, fn: Callable[[LoadedUnit], Optional[float]], a: str, b: str, point: Optional[tuple] = None, op: str = "difference") -> Estimate:
         """``fn(a) - fn(b)`` (``op="difference"``) or ``log(fn(a) / fn(b))`` (``"log_ratio"``), per seed
@@ -242,6 +258,22 @@ class LoadedRun:
 
         half = t_quantile(0.975, len(series) - 1) * stack.std(0, ddof=1) / math.sqrt(len(series))
         return Curve(common, mean, mean - half, mean + half, len(series))
+
+
+def _same_value(a, b) -> bool:
+    # A point's value comes back from JSON: a tuple as a list (converted by Unit.from_dict), 1.0 as 1.
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _natural(value) -> tuple:
+    """Numbers by value, then tuples (element-wise), then anything else by its text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, tuple, list)):
+        return (2, str(value))
+    if isinstance(value, (tuple, list)):
+        return (1, tuple(_natural(v) for v in value))
+    return (0, float(value))
 
 
 def load_run(run_dir: Path | str) -> LoadedRun:

@@ -7,7 +7,13 @@ For :math:`n` values :math:`v_1..v_n` (one per seed) the estimate is the sample 
 
 A difference between two arms is paired by seed (the arms share the seed's data order and
 initial weights), so its interval is the t interval of the per-seed differences. With one seed
-there is no interval (``lo`` and ``hi`` are ``None``). The t quantile is computed here (bisection
+there is no interval (``lo`` and ``hi`` are ``None``).
+
+A metric with a feasible range (an accuracy in ``[0, 1]``, a norm at least 0) gets its interval
+clipped to that range, ``[max(lo, a), min(hi, b)]``: the t interval is symmetric about the mean and
+can reach past a bound the values cannot (0.99, 1.0, 1.0 gives an upper end of 1.006). The mean
+is not changed; the estimate says that it was clipped (``clipped``, and the unclipped ends in
+``raw``), and the report marks it. The t quantile is computed here (bisection
 on the CDF, integrated numerically) so that numpy is the only dependency; the tests check it
 against ``scipy.stats.t``.
 """
@@ -20,9 +26,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["Estimate", "estimate", "t_quantile", "CI_METHOD"]
+__all__ = ["Estimate", "estimate", "t_quantile", "CI_METHOD", "CLIPPED_MARK"]
 
-CI_METHOD = "mean over seeds, 95% Student-t interval"
+CLIPPED_MARK = "\u2020"  # a dagger after an interval clipped to its metric's range
+CI_METHOD = f"mean over seeds, 95% Student-t interval (clipped to the metric's possible range where it reaches past it, marked {CLIPPED_MARK})"
 
 
 def _t_cdf(x: float, df: int) -> float:
@@ -56,10 +63,26 @@ class Estimate:
     hi: Optional[float]
     n: int
     values: tuple[float, ...] = field(default=(), repr=False)
+    raw: Optional[tuple[float, float]] = None  # the interval before clipping, when clip() changed it
 
     @property
     def has_interval(self) -> bool:
         return self.lo is not None
+
+    @property
+    def clipped(self) -> bool:
+        return self.raw is not None
+
+    def clip(self, bounds: Optional[tuple[float, float]]) -> "Estimate":
+        """This estimate with its interval clipped to ``bounds = (a, b)`` (``None``: unchanged); the
+        mean and values are kept, and ``raw`` holds the interval before, if clipping changed it."""
+        if bounds is None or not self.has_interval:
+            return self
+        a, b = bounds
+        lo, hi = min(max(self.lo, a), b), max(min(self.hi, b), a)
+        if (lo, hi) == (self.lo, self.hi):
+            return self
+        return Estimate(self.mean, lo, hi, self.n, self.values, self.raw or (self.lo, self.hi))
 
     def format(self, digits: int = 4, scale: float = 1.0) -> str:
         """``"0.9712 [0.9688, 0.9736]"``; ``"0.9712 (1 seed)"`` without an interval."""
@@ -68,19 +91,31 @@ class Estimate:
         m = f"{self.mean * scale:.{digits}f}"
         if not self.has_interval:
             return f"{m} (1 seed)" if self.n == 1 else m
-        return f"{m} [{self.lo * scale:.{digits}f}, {self.hi * scale:.{digits}f}]"
+        mark = CLIPPED_MARK if self.clipped else ""
+        return f"{m} [{self.lo * scale:.{digits}f}, {self.hi * scale:.{digits}f}]{mark}"
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean, "ci95": [self.lo, self.hi] if self.has_interval else None, "n": self.n, "values": list(self.values)}
+        d = {"mean": self.mean, "ci95": [self.lo, self.hi] if self.has_interval else None, "n": self.n, "values": list(self.values)}
+        if self.clipped:
+            d["ci95_unclipped"] = list(self.raw)
+        return d
 
 
-def estimate(values: Sequence[float], level: float = 0.95) -> Estimate:
-    """Mean and Student-t interval of the finite ``values`` (NaN and None are dropped)."""
+def estimate(values: Sequence[float], level: float = 0.95, bounds: Optional[tuple[float, float]] = None) -> Estimate:
+    """Mean and Student-t interval of the finite ``values`` (NaN and None are dropped), the interval
+    clipped to ``bounds`` (the values' possible range) when given."""
     v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=float)
     if len(v) == 0:
         return Estimate(math.nan, None, None, 0, ())
+    if bounds is not None:
+        a, b = bounds
+        slack = 1e-6 * max(1.0, abs(a) if math.isfinite(a) else 1.0, abs(b) if math.isfinite(b) else 1.0)  # rounding, e.g. a cosine of 1 + 1e-8
+        out = v[(v < a - slack) | (v > b + slack)]
+        if len(out):
+            raise ValueError(f"values {out.tolist()} lie outside their declared range [{a:g}, {b:g}]; the metric's bounds are wrong, or so is its computation")
+        v = np.clip(v, a, b)  # within the rounding slack: onto the range, so the mean is inside it too
     mean = float(v.mean())
     if len(v) == 1:
         return Estimate(mean, None, None, 1, tuple(v.tolist()))
     half = t_quantile(0.5 + level / 2, len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v))
-    return Estimate(mean, mean - half, mean + half, len(v), tuple(v.tolist()))
+    return Estimate(mean, mean - half, mean + half, len(v), tuple(v.tolist())).clip(bounds)
