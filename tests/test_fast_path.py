@@ -172,6 +172,19 @@ def test_large_mean_does_not_cancel(case):
     torch.testing.assert_close(rv.double(), x.double().transpose(0, 1).reshape(shape[1], -1).var(1), rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize(
+    "shape,fmt", [((16, 64, 32, 32), torch.channels_last), ((4096, 256), None)], ids=["channels_last", "2D"]
+)
+def test_streaming_stores_of_large_outputs(shape, fmt):
+    """Channels-inner outputs of 4 MiB or more (here exactly 4 MiB) are written with non-temporal stores:
+    same values as the reference, in the input's layout."""
+    args = _inputs(shape, fmt, torch.float32)
+    fast = _run("fast", *args, True, True, True)
+    _assert_same(fast, _run("reference", *args, True, True, True), 1e-5)
+    if fmt is not None:
+        assert fast["y"].is_contiguous(memory_format=fmt) and fast["dx"].is_contiguous(memory_format=fmt)
+
+
 def test_threads_do_not_change_the_result():
     """The kernel splits channels-inner rows into one chunk per thread; the merge must not matter."""
     shape, fmt = CASES["2D-many-rows"]
