@@ -298,13 +298,13 @@ FIG1 = register(
         ),
         layers=_layers,
         metrics=(
-            Metric("final_test_acc", "final test accuracy", final_acc),
-            Metric("best_test_acc", "best test accuracy", best_acc),
-            Metric("test_acc_at_1000", f"test accuracy at step {EARLY_STEP:,}", acc_at(EARLY_STEP)),
-            Metric("steps_to_target", "steps to the baseline's final accuracy", _steps, digits=0),
-            Metric("steps_to_target_grid", "evaluation grid there (steps)", _resolution, digits=0),
-            Metric("last_layer_w1_drift", "last layer's input drift (W1, first to last)", layer_drift_last, digits=3),
-            Metric("last_layer_ics_cosine", "gradient ICS cosine, last layer (mean over training)", ics_mean(-1, "cosine"), digits=3),
+            Metric("final_test_acc", "final test accuracy", final_acc, bounds=(0.0, 1.0)),
+            Metric("best_test_acc", "best test accuracy", best_acc, bounds=(0.0, 1.0)),
+            Metric("test_acc_at_1000", f"test accuracy at step {EARLY_STEP:,}", acc_at(EARLY_STEP), bounds=(0.0, 1.0)),
+            Metric("steps_to_target", "steps to the baseline's final accuracy", _steps, digits=0, bounds=(0.0, math.inf)),
+            Metric("steps_to_target_grid", "evaluation grid there (steps)", _resolution, digits=0, bounds=(0.0, math.inf)),
+            Metric("last_layer_w1_drift", "last layer's input drift (W1, first to last)", layer_drift_last, digits=3, bounds=(0.0, math.inf)),
+            Metric("last_layer_ics_cosine", "gradient ICS cosine, last layer (mean over training)", ics_mean(-1, "cosine"), digits=3, bounds=(-1.0, 1.0)),
         ),
         claims=(
             Claim(
