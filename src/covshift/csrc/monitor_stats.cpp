@@ -34,7 +34,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
 
@@ -118,16 +118,55 @@ Moments chunk_moments_scalar(const T* x, int64_t len) {
   return m;
 }
 
+// acc[j] += buf[j] for the W lanes: independent per lane, so the compiler vectorizes it and no
+// serial chain of double additions forms (the order of every sum is fixed: thread-count independent).
+template <typename T, int64_t W>
+inline void fold(double* acc, const T* buf) {
+  for (int64_t j = 0; j < W; ++j) acc[j] += static_cast<double>(buf[j]);
+}
+
+template <int64_t W>
+inline double lanes_sum(const double* acc) {
+  double s = 0;
+  for (int64_t j = 0; j < W; ++j) s += acc[j];
+  return s;
+}
+
+// Lane-wise min / max without NaN propagation (at::vec::minimum propagates NaN, at three
+// instructions a call): the callers detect a NaN by the non-finite sum and redo the chunk exactly.
+template <typename T>
+inline Vec<T> min_nonan(const Vec<T>& a, const Vec<T>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) return Vec<T>(_mm512_min_ps(a, b)); else return Vec<T>(_mm512_min_pd(a, b));
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return Vec<T>(_mm256_min_ps(a, b)); else return Vec<T>(_mm256_min_pd(a, b));
+#else
+  return at::vec::minimum(a, b);
+#endif
+}
+
+template <typename T>
+inline Vec<T> max_nonan(const Vec<T>& a, const Vec<T>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) return Vec<T>(_mm512_max_ps(a, b)); else return Vec<T>(_mm512_max_pd(a, b));
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return Vec<T>(_mm256_max_ps(a, b)); else return Vec<T>(_mm256_max_pd(a, b));
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
 template <typename T>
 Moments chunk_moments(const T* x, int64_t len) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   if (len < 4 * W) return chunk_moments_scalar(x, len);
-  V z(0), lo(std::numeric_limits<T>::infinity()), hi(-std::numeric_limits<T>::infinity());
-  T buf[W];
-  double sum = 0;
+  V lo(std::numeric_limits<T>::infinity()), hi(-std::numeric_limits<T>::infinity());
+  alignas(64) T buf[W];
+  alignas(64) double acc[W] = {};
   int64_t i = 0;
-  // partial sums in T over blocks of kFold vector pairs (2 kFold values per lane), then in double
+  // partial sums in T over blocks of kFold vector pairs (2 kFold values per lane), then per lane in
+  // double. A NaN or infinite value makes the sum non-finite: then the chunk takes the scalar path.
   constexpr int64_t kFold = 8;
   while (i + 2 * W <= len) {
     V s0(0), s1(0);
@@ -135,16 +174,13 @@ Moments chunk_moments(const T* x, int64_t len) {
       const V a = V::loadu(x + i), b = V::loadu(x + i + W);
       s0 = s0 + a;
       s1 = s1 + b;
-      z = z + (a - a) + (b - b);  // NaN as soon as one value is NaN or infinite
-      lo = at::vec::minimum(lo, at::vec::minimum(a, b));
-      hi = at::vec::maximum(hi, at::vec::maximum(a, b));
+      lo = min_nonan<T>(lo, min_nonan<T>(a, b));
+      hi = max_nonan<T>(hi, max_nonan<T>(a, b));
     }
     (s0 + s1).store(buf);
-    for (int64_t j = 0; j < W; ++j) sum += buf[j];
+    fold<T, W>(acc, buf);
   }
-  z.store(buf);
-  T zt = 0;
-  for (int64_t j = 0; j < W; ++j) zt += buf[j];
+  double sum = lanes_sum<W>(acc);
   T mn = std::numeric_limits<T>::infinity(), mx = -std::numeric_limits<T>::infinity();
   lo.store(buf);
   for (int64_t j = 0; j < W; ++j) mn = std::min(mn, buf[j]);
@@ -153,11 +189,11 @@ Moments chunk_moments(const T* x, int64_t len) {
   for (int64_t j = i; j < len; ++j) {
     const T v = x[j];
     sum += v;
-    zt += v - v;
     mn = std::min(mn, v);
     mx = std::max(mx, v);
   }
-  if (!(zt == 0)) return chunk_moments_scalar(x, len);
+  // (a float partial that overflows on finite values also lands here: the scalar path is exact)
+  if (!std::isfinite(sum)) return chunk_moments_scalar(x, len);
   Moments m;
   m.n = static_cast<double>(len);
   m.mean = sum / m.n;
@@ -168,7 +204,7 @@ Moments chunk_moments(const T* x, int64_t len) {
   // sum had (d is small, so both sums are accurate).
   const T c = static_cast<T>(m.mean);
   const V vc(c);
-  double s1 = 0, s2 = 0;
+  alignas(64) double a1[W] = {}, a2[W] = {};
   i = 0;
   while (i + 2 * W <= len) {
     V q0(0), q1(0), l0(0), l1(0);
@@ -180,10 +216,11 @@ Moments chunk_moments(const T* x, int64_t len) {
       q1 = at::vec::fmadd(b, b, q1);
     }
     (q0 + q1).store(buf);
-    for (int64_t j = 0; j < W; ++j) s2 += buf[j];
+    fold<T, W>(a2, buf);
     (l0 + l1).store(buf);
-    for (int64_t j = 0; j < W; ++j) s1 += buf[j];
+    fold<T, W>(a1, buf);
   }
+  double s1 = lanes_sum<W>(a1), s2 = lanes_sum<W>(a2);
   for (int64_t j = i; j < len; ++j) {
     const double d = static_cast<double>(x[j]) - static_cast<double>(c);
     s1 += d;

@@ -62,6 +62,8 @@ from covshift.monitor.writer import RunWriter
 
 __all__ = ["ActivationMonitor", "suspend_monitors"]
 
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
 class ActivationMonitor:
     """Watches activations of ``model`` while the user's loop trains it.
 
@@ -187,6 +189,10 @@ class ActivationMonitor:
         self._qs = [float(q) for q in config.percentiles]
         self._warned_idle = False
         self._probed_step: Optional[int] = None
+        self._hook_plan: Optional[list[tuple[nn.Module, Any]]] = None  # (module, bound hook) per watched name
+        self._sample_size = int(config.sample_size)
+        self._flush_every = int(config.flush_every)
+        self._every = int(config.every)
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self) -> "ActivationMonitor":
@@ -222,17 +228,22 @@ class ActivationMonitor:
     def _register(self) -> None:
         if self._handles:
             return
-        mods = dict(self.model.named_modules())
+        if self._hook_plan is None:  # resolved once: at every=10 this runs every tenth step
+            mods = dict(self.model.named_modules())
+            if self.config.point == "input":
+                self._hook_plan = [(mods[n], functools.partial(self._on_input, n)) for n in self.modules]
+            else:
+                self._hook_plan = [(mods[n], functools.partial(self._on_output, n)) for n in self.modules]
         add = self._handles.append
         # The root's hooks open and close the measured window; the pre-hook goes first so that it
         # runs before a point hook on the root itself, the post-hook last (always, even on error).
         add(self.model.register_forward_pre_hook(self._root_enter, prepend=True))
-        for name in self.modules:
-            if self.config.point == "input":
-                hook = functools.partial(self._on_input, name)
-                add(mods[name].register_forward_pre_hook(hook, with_kwargs=True))
-            else:
-                add(mods[name].register_forward_hook(functools.partial(self._on_output, name)))
+        if self.config.point == "input":
+            for mod, hook in self._hook_plan:
+                add(mod.register_forward_pre_hook(hook, with_kwargs=True))
+        else:
+            for mod, hook in self._hook_plan:
+                add(mod.register_forward_hook(hook))
         add(self.model.register_forward_hook(self._root_exit, always_call=True))
 
     def _unregister(self) -> None:
@@ -298,8 +309,8 @@ class ActivationMonitor:
                 stacklevel=3,
             )
         self._step += 1
-        self._armed = self._step % self.config.every == 0
-        if self._pending_steps >= self.config.flush_every:
+        self._armed = self._step % self._every == 0
+        if self._pending_steps >= self._flush_every:
             self._flush(force_npz=False)
         if not self._attached:
             return
@@ -333,7 +344,7 @@ class ActivationMonitor:
                 and not suspended()
             )
         if self._recording:
-            self._calls = {}
+            self._calls.clear()
 
     def _root_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._recording and not self._probing:
@@ -359,11 +370,13 @@ class ActivationMonitor:
 
     def _measure(self, name: str, x: Tensor) -> None:
         # Shape-only Python logic here: nothing reads a value back from the device.
-        c = self._calls.get(name, 0)
-        self._calls[name] = c + 1
-        key = self._keys.get((name, c, self._probing))
+        calls = self._calls
+        c = calls.get(name, 0)
+        calls[name] = c + 1
+        probing = self._probing
+        key = self._keys.get((name, c, probing))
         if key is None:
-            key = self._keys[(name, c, self._probing)] = RecordKey(name, c, None, self._probing)
+            key = self._keys[(name, c, probing)] = RecordKey(name, c, None, probing)
         self._record(key, x, self.config.per_channel)
         extra = self._channels.get(name)
         if extra:
@@ -374,7 +387,7 @@ class ActivationMonitor:
                     f"{list(extra)}. Use indices in range, or drop the entry."
                 )
             for ch in extra:
-                self._record(RecordKey(name, c, ch, self._probing), x.select(1, ch), False)
+                self._record(RecordKey(name, c, ch, probing), x.select(1, ch), False)
 
     def _record(self, key: RecordKey, x: Tensor, per_channel: bool) -> None:
         n = x.numel()
@@ -383,18 +396,18 @@ class ActivationMonitor:
         if (n == 0 and not self._global) or x.is_complex():
             return
         positions = None
-        if n > self.config.sample_size:
+        if n > self._sample_size:
             pkey = (n, x.device)
             positions = self._positions.get(pkey)
             if positions is None:
-                positions = stats.sample_positions(n, self.config.sample_size, self.config.seed, x.device)
+                positions = stats.sample_positions(n, self._sample_size, self.config.seed, x.device)
                 self._positions[pkey] = positions
         edges = None if self._global else self._edges.tensors.get(key)
-        if edges is not None and n and stats.fused_available(x):
+        if edges is not None and n and (
+            (x.is_cpu and x.dtype in _FUSED_DTYPES and stats.fused_enabled()) or stats.fused_available(x)
+        ):
             # The fast path: every statistic now, in one fused call; no copy of x is kept.
-            row = torch.ops.covshift_monitor.record(
-                x.detach(), positions, edges, self._threshold, self._qs
-            )
+            row = stats.record_op()(x.detach(), positions, edges, self._threshold, self._qs)
             channel = stats.channel_moments(x) if per_channel else None
             self._pending.append(Pending(self._step, key, None, row, channel, n))
         else:

@@ -312,12 +312,13 @@ def finish_rows(
 ) -> RecordBatch:
     """The records measured whole in the hook (:func:`stats.record` rows) as a :class:`RecordBatch`.
 
-    The same statistics as :func:`finish` (see there), from ``(9 + B + 2 + P,)`` rows.
+    The same statistics as :func:`finish` (see there), from ``(9 + B + 2 + P,)`` rows: one stack,
+    one host copy, then column arithmetic on the ``(L, 9 + B + 2 + P)`` array.
     """
     B = config.hist_bins
-    rows = torch.stack([p.row for p in pending])  # type: ignore[misc]  (R, 9 + B + 2 + P)
-    tensors = [rows]
+    rows = [p.row for p in pending]
     with_c = [p for p in pending if p.channel is not None]
+    tensors = [torch.stack(rows) if len(rows) > 1 else rows[0][None]]  # (L, 9 + B + 2 + P)
     if with_c:
         tensors += [torch.cat([p.channel[k].double() for p in with_c]) for k in range(3)]  # type: ignore[index]
     host = stats.to_host(tensors)
@@ -330,7 +331,7 @@ def finish_rows(
         per_flat = np.repeat(per[np.array(sizes) > 0], [c for c in sizes if c])
         channels = (sizes, per, cm, cv * per_flat, cx)
     return _assemble(
-        [p.key for p in pending], np.array([p.step for p in pending], dtype=np.int64), edges, config,
+        [p.key for p in pending], np.fromiter([p.step for p in pending], np.int64, len(pending)), edges, config,
         r[:, 0], r[:, 1], r[:, 2], r[:, 3], r[:, 4], r[:, 5], r[:, 9 : 11 + B], r[:, 6], r[:, 7], r[:, 8],
         r[:, 11 + B :], channels=channels,
     )
@@ -372,23 +373,41 @@ def _assemble(
     *,
     channels: Optional[tuple] = None,
 ) -> RecordBatch:
-    """Host arrays ``(L, ...)`` of the sufficient statistics -> the scalar statistics, by step."""
+    """Host arrays ``(L, ...)`` of the sufficient statistics -> the scalar statistics, by step.
+
+    Vectorized over the ``L`` rows (a flush holds ``flush_every`` steps of every watched layer):
+    the columns are written into one ``(L, S)`` array.
+    """
+    L = len(keys)
+    names = stat_names(config.percentiles, channels is not None)
+    P = len(config.percentiles)
+    values = np.empty((L, len(names)), dtype=np.float64)
     n = np.asarray(count, dtype=np.float64)
     k = np.asarray(scount, dtype=np.float64)
+    nonfinite = np.asarray(nonfinite, dtype=np.float64)
     numel = n + nonfinite
     with np.errstate(divide="ignore", invalid="ignore"):
         empty = n == 0
-        cols = [
-            np.where(empty, np.nan, mean), np.where(empty, np.nan, np.sqrt(np.maximum(m2, 0) / n)),
-            np.where(empty, np.nan, mn), np.where(empty, np.nan, mx), *np.asarray(pct_h).T,
-            sat / k, nonpos / k, np.where(numel > 0, nonfinite / numel, np.nan),
-        ]
-    L = len(keys)
+        values[:, 0] = mean
+        np.divide(np.maximum(m2, 0), n, out=values[:, 1])
+        np.sqrt(values[:, 1], out=values[:, 1])
+        values[:, 2] = mn
+        values[:, 3] = mx
+        if empty.any():
+            values[empty, :4] = np.nan
+        values[:, 4 : 4 + P] = pct_h
+        np.divide(sat, k, out=values[:, 4 + P])
+        np.divide(nonpos, k, out=values[:, 5 + P])
+        np.divide(nonfinite, numel, out=values[:, 6 + P])
+        if not numel.all():
+            values[numel == 0, 6 + P] = np.nan
+    values[:, -1] = numel
     c_mean: list[Optional[np.ndarray]] = [None] * L
     c_std: list[Optional[np.ndarray]] = [None] * L
     if channels is not None:
         sizes, per, cm, cm2, cx = channels
-        dead = np.full(L, np.nan)
+        dead = values[:, 7 + P]
+        dead[:] = np.nan
         start = 0
         for i, c in enumerate(sizes):
             if c:
@@ -397,17 +416,17 @@ def _assemble(
                 c_std[i] = np.sqrt(np.maximum(cm2[sl], 0) / max(int(per[i]), 1))
                 dead[i] = float((cx[sl] <= 0).mean())
                 start += c
-        cols.append(dead)
-    cols.append(numel)
-    names = stat_names(config.percentiles, channels is not None)
-    values = np.stack([np.asarray(c, dtype=np.float64) for c in cols], axis=1) if L else np.zeros((0, len(names)))
     steps = np.asarray(steps, dtype=np.int64)
-    o = np.argsort(steps, kind="stable")  # recording order: by step, then as grouped
-    ol = o.tolist()
+    hist = np.asarray(hist).astype(np.int64)
+    used = {key: edges[key] for key in dict.fromkeys(keys)}
+    if L > 1 and not (steps[1:] >= steps[:-1]).all():  # recording order: by step, then as grouped
+        o = np.argsort(steps, kind="stable")
+        ol = o.tolist()
+        keys, steps, values, hist = [keys[i] for i in ol], steps[o], values[o], hist[o]
+        c_mean, c_std = [c_mean[i] for i in ol], [c_std[i] for i in ol]
     return RecordBatch(
-        keys=[keys[i] for i in ol], steps=steps[o], names=names, values=values[o],
-        hist=np.asarray(hist).astype(np.int64)[o], edges={key: edges[key] for key in keys},
-        channel_mean=[c_mean[i] for i in ol], channel_std=[c_std[i] for i in ol],
+        keys=list(keys), steps=steps, names=names, values=values, hist=hist, edges=used,
+        channel_mean=c_mean, channel_std=c_std,
     )
 
 

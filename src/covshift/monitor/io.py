@@ -27,7 +27,9 @@ line, which :func:`load` skips with a warning (a corrupt line elsewhere is an er
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 from io import BytesIO
 from pathlib import Path
@@ -80,32 +82,71 @@ def _numbers(values: list) -> list[str]:
     return text.split(", ") if text else []
 
 
+class _Literal(str):
+    """A JSON spelling that ``%r`` writes as it is (``NaN``, ``Infinity``, ``-Infinity``)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+_NAN, _INF, _NINF = _Literal("NaN"), _Literal("Infinity"), _Literal("-Infinity")
+
+
+def _json_float(v: float) -> object:
+    """``v``, or for a non-finite ``v`` an object whose ``repr`` is its ``json.dumps`` spelling."""
+    if v != v:
+        return _NAN
+    if v in (math.inf, -math.inf):
+        return _INF if v > 0 else _NINF
+    return v
+
+
+@functools.lru_cache(maxsize=4096)  # a few per watched layer, for the whole process
+def _template(key: RecordKey, names: tuple[str, ...]) -> str:
+    """A ``%``-template of one line of ``key`` with scalars ``names``: ``%d`` for the step and
+    ``numel``, ``%r`` (``json.dumps``'s spelling of a finite float) for the others."""
+    pre = json.dumps({"layer": str(key), **key_fields(key)})[1:-1].replace("%", "%%")
+    body = ", ".join(json.dumps(n).replace("%", "%%") + (": %d" if n == "numel" else ": %r") for n in names)
+    return '{"step": %d, ' + pre + ", " + body
+
+
 def batch_lines(batch: "RecordBatch") -> list[str]:
     """One encoded JSON line per row of a flush, in recording order (see the module docstring).
 
-    Encoded here rather than by ``json.dumps`` per row (a fixed prefix per key, one ``repr`` per
-    row of numbers): at ``every=1`` this runs for every layer at every step. The result is what
-    ``json.dumps`` writes for the same dict (tested), and :func:`load` reads it back with ``json``.
+    Encoded here rather than by ``json.dumps`` per row: one ``%``-template per key (the key's
+    fields and the statistic names, built once per flush), filled by one ``%`` per row (the floats
+    by ``repr``, which is ``json.dumps``'s spelling of a finite float; rows holding a non-finite
+    value swap it for its ``NaN`` / ``Infinity`` spelling first). At ``every=1`` this runs for
+    every layer at every step. The result is what ``json.dumps`` writes for the same dict
+    (tested), and :func:`load` reads it back with ``json``.
     """
-    prefixes: dict[RecordKey, str] = {}
-    heads = {}  # row names -> ['"mean": ', ...]
+    templates: dict[tuple, str] = {}
     out = []
-    values = batch.values.tolist()
+    values = batch.values
+    names = batch.names
+    all_cols = list(range(len(names)))
+    dead = names.index("frac_dead") if "frac_dead" in names else -1
+    some_cols = [j for j in all_cols if j != dead]
+    finite = np.isfinite(values)
+    dead_ok = finite[:, dead].tolist() if dead >= 0 else []
+    if dead >= 0:  # rows without channel statistics do not write their (NaN) frac_dead column
+        finite[:, dead] = True
+    row_ok = finite.all(axis=1).tolist()
+    rows = values.tolist()
+    steps = batch.steps.tolist()
     for i, key in enumerate(batch.keys):
-        pre = prefixes.get(key)
-        if pre is None:
-            pre = prefixes[key] = json.dumps({"layer": str(key), **key_fields(key)})[1:-1]
-        names = batch.row_names(i)
-        head = heads.get(names)
-        if head is None:
-            head = heads[names] = [json.dumps(n) + ": " for n in names]
-        row = values[i]
-        if len(names) != len(batch.names):  # drop the frac_dead column this row does not have
-            row = [v for n, v in zip(batch.names, row) if n in names]
-        nums = _numbers(row)
-        nums[-1] = str(int(row[-1]))  # numel, an integer
-        line = f'{{"step": {int(batch.steps[i])}, {pre}, ' + ", ".join(map(str.__add__, head, nums))
-        if batch.channel_mean[i] is not None:
+        has_c = batch.channel_mean[i] is not None
+        cols = all_cols if dead < 0 or has_c else some_cols
+        t = templates.get((key, has_c))
+        if t is None:
+            t = templates[(key, has_c)] = _template(key, tuple(names[j] for j in cols))
+        row = rows[i]
+        if cols is not all_cols:
+            del row[dead]
+        if not row_ok[i] or (has_c and dead >= 0 and not dead_ok[i]):
+            row = [_json_float(v) for v in row]
+        line = t % (steps[i], *row)
+        if has_c:
             cm = ", ".join(_numbers(batch.channel_mean[i].tolist()))  # type: ignore[union-attr]
             cs = ", ".join(_numbers(batch.channel_std[i].tolist()))  # type: ignore[union-attr]
             line += f', "channel_mean": [{cm}], "channel_std": [{cs}]'

@@ -77,6 +77,8 @@ __all__ = [
     "extension",
     "use_extension",
     "fused_available",
+    "fused_enabled",
+    "record_op",
     "channel_moments",
     "auto_edges",
     "fixed_edges",
@@ -224,6 +226,20 @@ def channel_moments(x: Tensor) -> Optional[tuple[Tensor, Tensor, Tensor]]:
 def fused_available(x: Tensor) -> bool:
     """Whether the C++ kernels will serve ``x`` (CPU float32/float64, extension built, not disabled)."""
     return _fused(x, None)
+
+
+def fused_enabled() -> bool:
+    """Whether the C++ kernels serve CPU float32/float64 tensors now: built, and not switched off by
+    :func:`use_extension` ``(False)``. The hook's cheap form of :func:`fused_available`."""
+    return _ext_state.get("default") is not False and extension().loaded  # type: ignore[attr-defined]
+
+
+def record_op():
+    """``torch.ops.covshift_monitor.record.default``, looked up once (call after :func:`fused_enabled`)."""
+    op = _ext_state.get("record_op")
+    if op is None:
+        op = _ext_state["record_op"] = torch.ops.covshift_monitor.record.default
+    return op
 
 
 def rows_reference(
