@@ -274,3 +274,88 @@ def test_record_cpp_equals_reference_and_brute_force(case, sampled):
     np.testing.assert_array_equal(a[9 : 9 + B + 2].numpy(), want)
     np.testing.assert_allclose(a[9 + B + 2 :].numpy(), np.percentile(f.astype(np.float64), QS), rtol=1e-12)
     assert a[8] == f.size and a[6] == (np.abs(f) > 2.5).sum() and a[7] == (f <= 0).sum()
+
+
+# -- adversarial inputs for the fused record kernel's shortcuts ------------------------------------
+def _brute_record(x, pos, edges, threshold, qs):
+    """Counts, histogram with tails and percentiles of the finite sample values, by NumPy."""
+    s = (x.reshape(-1) if pos is None else x.reshape(-1)[pos]).double().numpy()
+    f = s[np.isfinite(s)]
+    hist = np.concatenate([[(f < edges[0]).sum()], np.histogram(f, edges)[0], [(f > edges[-1]).sum()]])
+    pct = np.percentile(f, qs) if f.size else np.full(len(qs), np.nan)
+    return f, hist, pct
+
+
+def _edge_configs():
+    return [
+        ("uniform", stats.fixed_edges(-2.0, 2.0, 64, torch.float32)),
+        ("far from zero", stats.fixed_edges(1000.0, 1000.5, 64, torch.float32)),
+        ("negative", stats.fixed_edges(-7.0, -3.0, 64, torch.float32)),
+        ("wide", stats.fixed_edges(-1e30, 1e30, 64, torch.float32)),
+        ("relu auto", stats.auto_edges(np.sort(np.maximum(np.random.default_rng(0).standard_normal(4000), 0)), 64, 0.5, torch.float32)),
+    ]
+
+
+def _around_edges(edges, dtype, n, seed):
+    """Values on every edge, one ulp either side of it, and a few far outside, shuffled."""
+    e = torch.tensor(edges, dtype=dtype)
+    inf = torch.tensor(math.inf, dtype=dtype)
+    vals = torch.cat([e, torch.nextafter(e, inf), torch.nextafter(e, -inf),
+                      torch.tensor([edges[0] - 1e6, edges[-1] + 1e6, 0.0], dtype=dtype)])
+    g = torch.Generator().manual_seed(seed)
+    return vals[torch.randint(0, vals.numel(), (n,), generator=g)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sampled", [False, True], ids=["every value", "sampled"])
+@pytest.mark.parametrize("cfg", range(5), ids=[c[0] for c in _edge_configs()])
+def test_record_bins_values_on_and_beside_every_edge_exactly(cfg, sampled, dtype):
+    _need(True)
+    _, edges = _edge_configs()[cfg]
+    x = _around_edges(edges, dtype, 3001, cfg)
+    pos = stats.sample_positions(x.numel(), 777, 3, torch.device("cpu")) if sampled else None
+    e = torch.tensor(edges)
+    a = stats.record(x, pos, e, 2.5, QS, use_extension=True)
+    b = stats.record(x, pos, e, 2.5, QS, use_extension=False)
+    f, hist, pct = _brute_record(x, pos, edges, 2.5, QS)
+    B = len(edges) - 1
+    np.testing.assert_array_equal(a[9 : 11 + B].numpy(), hist)
+    np.testing.assert_array_equal(a[11 + B :].numpy(), pct)  # exact order statistics
+    torch.testing.assert_close(a[6:], b[6:], rtol=0, atol=0, equal_nan=True)
+    assert a[0] == b[0] and a[3] == b[3] and a[4] == b[4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 100, 20000])
+def test_record_of_one_repeated_value_and_of_ties(n, dtype):
+    _need(True)
+    edges = stats.fixed_edges(-1.0, 1.0, 64, dtype)
+    e = torch.tensor(edges)
+    g = torch.Generator().manual_seed(n)
+    for x in (torch.full((n,), 0.3, dtype=dtype), torch.tensor([-0.5, 0.0, 0.5], dtype=dtype)[torch.randint(0, 3, (n,), generator=g)]):
+        pos = stats.sample_positions(n, 16384, 0, torch.device("cpu")) if n > 16384 else None
+        a = stats.record(x, pos, e, 2.5, QS, use_extension=True)
+        f, hist, pct = _brute_record(x, pos, edges, 2.5, QS)
+        np.testing.assert_array_equal(a[9 : 9 + 66].numpy(), hist)
+        np.testing.assert_array_equal(a[9 + 66 :].numpy(), pct)
+        _check_moments(a[:6], _brute_moments(x.numpy()), dtype)
+
+
+@pytest.mark.parametrize("where", [0, 1, 37, 4095, 4096, 9999])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_moments_find_one_nonfinite_value_anywhere_in_a_long_tensor(where, bad):
+    _need(True)
+    x = _x(10000)
+    x[where] = bad
+    mom, _ = stats.moments(x, None, use_extension=True)
+    _check_moments(mom, _brute_moments(x.numpy()), torch.float32)
+
+
+def test_moments_of_finite_float32_values_whose_float32_sum_overflows():
+    _need(True)
+    x = torch.full((5000,), 3e38, dtype=torch.float32)
+    x[::7] = -3e38
+    mom, _ = stats.moments(x, None, use_extension=True)
+    want = _brute_moments(x.numpy())
+    assert mom[5] == 0 and mom[0] == 5000  # every value is finite
+    _check_moments(mom, want, torch.float32)
