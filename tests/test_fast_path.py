@@ -173,11 +173,18 @@ def test_large_mean_does_not_cancel(case):
 
 
 @pytest.mark.parametrize(
-    "shape,fmt", [((16, 64, 32, 32), torch.channels_last), ((4096, 256), None)], ids=["channels_last", "2D"]
+    "shape,fmt",
+    [
+        ((16, 64, 32, 32), torch.channels_last),
+        ((4096, 256), None),
+        ((16, 64, 32, 32), None),
+        ((64, 64, 15, 19), None),  # runs of 285 values: most start off a vector boundary
+    ],
+    ids=["channels_last", "2D", "NCHW", "NCHW-unaligned"],
 )
 def test_streaming_stores_of_large_outputs(shape, fmt):
-    """Channels-inner outputs of 4 MiB or more (here exactly 4 MiB) are written with non-temporal stores:
-    same values as the reference, in the input's layout."""
+    """Training outputs of 4 MiB or more (the first three exactly 4 MiB) are written with non-temporal
+    stores: same values as the reference, in the input's layout."""
     args = _inputs(shape, fmt, torch.float32)
     fast = _run("fast", *args, True, True, True)
     _assert_same(fast, _run("reference", *args, True, True, True), 1e-5)
