@@ -463,6 +463,10 @@ def flush_pending(
     """
     if not pending:
         return None
+    if not distributed and all(p.row is not None for p in pending):
+        # Only host arithmetic and one stack: no intra-op threads to set (setting them costs more
+        # than this whole flush on a 2-core machine, and wakes the pool at the next forward).
+        return finish_rows(pending, edges, config)
     with _one_cpu_thread():
         if distributed:
             import torch.distributed as dist
