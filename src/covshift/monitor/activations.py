@@ -56,7 +56,8 @@ from covshift.monitor import io, stats
 from covshift.monitor.config import MonitorConfig
 from covshift.monitor.flush import Pending
 from covshift.monitor.records import ChannelStats, Histograms, Layer, MonitorRecords, RecordKey
-from covshift.monitor.hooks import _cuda_devices, _first_float_tensor, suspend_monitors, suspended
+from covshift.monitor.hooks import _cuda_devices, _first_float_tensor, suspend_monitors, suspended  # noqa: F401 (gradient_ics imports _cuda_devices from here)
+from covshift.monitor.probe import probe_state
 from covshift.monitor.selection import select_modules
 from covshift.monitor.writer import RunWriter
 
@@ -230,20 +231,15 @@ class ActivationMonitor:
             return
         if self._hook_plan is None:  # resolved once: at every=10 this runs every tenth step
             mods = dict(self.model.named_modules())
-            if self.config.point == "input":
-                self._hook_plan = [(mods[n], functools.partial(self._on_input, n)) for n in self.modules]
-            else:
-                self._hook_plan = [(mods[n], functools.partial(self._on_output, n)) for n in self.modules]
+            on = self._on_input if self.config.point == "input" else self._on_output
+            self._hook_plan = [(mods[n], functools.partial(on, n)) for n in self.modules]
         add = self._handles.append
         # The root's hooks open and close the measured window; the pre-hook goes first so that it
         # runs before a point hook on the root itself, the post-hook last (always, even on error).
         add(self.model.register_forward_pre_hook(self._root_enter, prepend=True))
-        if self.config.point == "input":
-            for mod, hook in self._hook_plan:
-                add(mod.register_forward_pre_hook(hook, with_kwargs=True))
-        else:
-            for mod, hook in self._hook_plan:
-                add(mod.register_forward_hook(hook))
+        pre = self.config.point == "input"
+        for mod, hook in self._hook_plan:
+            add(mod.register_forward_pre_hook(hook, with_kwargs=True) if pre else mod.register_forward_hook(hook))
         add(self.model.register_forward_hook(self._root_exit, always_call=True))
 
     def _unregister(self) -> None:
@@ -420,21 +416,12 @@ class ActivationMonitor:
             self._run_probe()
 
     def _run_probe(self) -> None:
-        model = self.model
-        modes = {m: m.training for m in model.modules()}
-        buffers = [b.detach().clone() for b in model.buffers()] if self.config.probe_mode == "train" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(model)):
+        with probe_state(self.model, self.config.probe_mode):
             self._probing = True
             try:
-                if self.config.probe_mode == "eval":
-                    model.eval()
-                model(*self._probe)  # type: ignore[misc]
+                self.model(*self._probe)  # type: ignore[misc]
             finally:
                 self._probing = False
-                for m, training in modes.items():
-                    m.training = training
-                for b, saved in zip(model.buffers(), buffers):
-                    b.copy_(saved)
 
     # -- flush: device -> host, then files -------------------------------------------------
     @property
