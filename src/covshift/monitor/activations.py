@@ -56,7 +56,7 @@ from covshift.monitor import io, stats
 from covshift.monitor.config import MonitorConfig
 from covshift.monitor.flush import Pending
 from covshift.monitor.records import ChannelStats, Histograms, Layer, MonitorRecords, RecordKey
-from covshift.monitor.hooks import _cuda_devices, _first_float_tensor, suspend_monitors, suspended  # noqa: F401 (gradient_ics imports _cuda_devices from here)
+from covshift.monitor.hooks import _first_float_tensor, suspend_monitors, suspended
 from covshift.monitor.probe import probe_state
 from covshift.monitor.selection import select_modules
 from covshift.monitor.writer import RunWriter

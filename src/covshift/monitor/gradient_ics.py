@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from covshift.monitor.activations import _cuda_devices, suspend_monitors
+from covshift.monitor.hooks import _cuda_devices, suspend_monitors
 from covshift.monitor.config import LayerSpec
 from covshift.monitor.selection import select_modules
 
