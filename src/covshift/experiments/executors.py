@@ -277,7 +277,7 @@ def run_processes(
         raise KeyboardInterrupt
     if failed or crashed or pending:
         lost = [f"{u} (never finished)" for u in sorted(pending)] if pending else []
-        raise UnitFailed(f"units failed: {'; '.join(failed + crashed + lost)}; see the traceback above and each unit's status.json")
+        raise UnitFailed(f"units failed: {'; '.join(sorted(failed) + crashed + lost)}; see the traceback above and each unit's status.json")
 
 
 # --- Ray ---------------------------------------------------------------------------------------------
