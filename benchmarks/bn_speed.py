@@ -298,7 +298,9 @@ def main() -> int:
     head = _header(args, bandwidth, harness.load_average())
     print("\n".join(head), flush=True)
     body, ok = run_compiled(args, dtype) if args.compile else run_eager(args, dtype, bandwidth)
-    tail = ["", f"Load average at end {harness.load_average():.2f} (above the thread count, timings are noisy)."]
+    end = harness.load_average()
+    quiet = "below 1: a quiet machine" if end < 1 else "1 or more: other work was running, timings are noisy"
+    tail = ["", f"Load average at end {end:.2f} ({quiet})."]
     print("\n".join(body[-2:] + tail))
     if args.write:
         name = "bn_speed_compile.md" if args.compile else ("bn_speed.md" if args.dtype == "float32" else f"bn_speed_{args.dtype}.md")
