@@ -152,9 +152,10 @@ def histogram_w1(
         empty.
     """
     edges = np.asarray(edges, np.float64)
-    (lp, hp), (lq, hq) = [(math.nan, math.nan) if r is None else tuple(math.nan if v is None else float(v) for v in r) for r in (range_p, range_q)]
-    one = lambda v: np.array([v], np.float64)  # noqa: E731
-    return float(_w1_pairs(edges, np.asarray(counts_p)[None], np.asarray(counts_q)[None], one(lp), one(hp), one(lq), one(hq))[0])
+    # one pair: each range as (1,) arrays, a missing end as NaN (then the tail sits on the edge)
+    (lp, hp), (lq, hq) = [np.array([math.nan if v is None else v for v in (r or (None, None))], np.float64)[:, None]
+                          for r in (range_p, range_q)]
+    return float(_w1_pairs(edges, np.asarray(counts_p)[None], np.asarray(counts_q)[None], lp, hp, lq, hq)[0])
 
 
 def histogram_js(counts_p: np.ndarray, counts_q: np.ndarray, base: float = 2.0) -> np.ndarray:

@@ -114,13 +114,12 @@ def batch_lines(batch: "RecordBatch") -> list[str]:
     """One encoded JSON line per row of a flush, in recording order (see the module docstring).
 
     Encoded here rather than by ``json.dumps`` per row: one ``%``-template per key (the key's
-    fields and the statistic names, built once per flush), filled by one ``%`` per row (the floats
+    fields and the statistic names, built once per process), filled by one ``%`` per row (the floats
     by ``repr``, which is ``json.dumps``'s spelling of a finite float; rows holding a non-finite
     value swap it for its ``NaN`` / ``Infinity`` spelling first). At ``every=1`` this runs for
     every layer at every step. The result is what ``json.dumps`` writes for the same dict
     (tested), and :func:`load` reads it back with ``json``.
     """
-    templates: dict[tuple, str] = {}
     out = []
     values = batch.values
     names = batch.names
@@ -137,9 +136,7 @@ def batch_lines(batch: "RecordBatch") -> list[str]:
     for i, key in enumerate(batch.keys):
         has_c = batch.channel_mean[i] is not None
         cols = all_cols if dead < 0 or has_c else some_cols
-        t = templates.get((key, has_c))
-        if t is None:
-            t = templates[(key, has_c)] = _template(key, tuple(names[j] for j in cols))
+        t = _template(key, names if cols is all_cols else tuple(names[j] for j in cols))
         row = rows[i]
         if cols is not all_cols:
             del row[dead]
