@@ -63,7 +63,6 @@ from covshift.monitor.writer import RunWriter
 
 __all__ = ["ActivationMonitor", "suspend_monitors"]
 
-_FUSED_DTYPES = (torch.float32, torch.float64)
 
 class ActivationMonitor:
     """Watches activations of ``model`` while the user's loop trains it.
@@ -399,9 +398,7 @@ class ActivationMonitor:
                 positions = stats.sample_positions(n, self._sample_size, self.config.seed, x.device)
                 self._positions[pkey] = positions
         edges = None if self._global else self._edges.tensors.get(key)
-        if edges is not None and n and (
-            (x.is_cpu and x.dtype in _FUSED_DTYPES and stats.fused_enabled()) or stats.fused_available(x)
-        ):
+        if edges is not None and n and stats.fused_available(x):
             # The fast path: every statistic now, in one fused call; no copy of x is kept.
             row = stats.record_op()(x.detach(), positions, edges, self._threshold, self._qs)
             channel = stats.channel_moments(x) if per_channel else None

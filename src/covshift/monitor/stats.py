@@ -77,7 +77,6 @@ __all__ = [
     "extension",
     "use_extension",
     "fused_available",
-    "fused_enabled",
     "record_op",
     "channel_moments",
     "auto_edges",
@@ -112,6 +111,9 @@ def use_extension(flag: Optional[bool]) -> Iterator[None]:
         _ext_state["default"] = old
 
 
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
 def _fused(t: Tensor, use_extension: Optional[bool]) -> bool:
     """Whether to call the C++ kernels for ``t``: CPU float32/float64, and the extension loaded.
 
@@ -121,7 +123,8 @@ def _fused(t: Tensor, use_extension: Optional[bool]) -> bool:
         use_extension = _ext_state.get("default")  # type: ignore[assignment]
     if use_extension is False:
         return False
-    ok = t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+    # attribute reads only (is_cpu, not device.type): the monitor's hook asks this for every record
+    ok = t.is_cpu and t.dtype in _FUSED_DTYPES
     if use_extension is None:
         return ok and extension().loaded  # type: ignore[attr-defined]
     ext = extension()
@@ -228,14 +231,8 @@ def fused_available(x: Tensor) -> bool:
     return _fused(x, None)
 
 
-def fused_enabled() -> bool:
-    """Whether the C++ kernels serve CPU float32/float64 tensors now: built, and not switched off by
-    :func:`use_extension` ``(False)``. The hook's cheap form of :func:`fused_available`."""
-    return _ext_state.get("default") is not False and extension().loaded  # type: ignore[attr-defined]
-
-
 def record_op():
-    """``torch.ops.covshift_monitor.record.default``, looked up once (call after :func:`fused_enabled`)."""
+    """``torch.ops.covshift_monitor.record.default``, looked up once (call after :func:`fused_available`)."""
     op = _ext_state.get("record_op")
     if op is None:
         op = _ext_state["record_op"] = torch.ops.covshift_monitor.record.default
