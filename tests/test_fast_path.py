@@ -363,17 +363,68 @@ def test_auto_leaves_other_dtypes_to_the_reference_silently(fresh_warnings):
         assert not caught, dtype
 
 
-def test_strided_float32_input_warns_once_and_matches_the_reference(fresh_warnings):
-    base = torch.randn(8, 4, 10)
-    x = base[:, :, ::2]  # neither contiguous nor channels_last
-    other = torch.randn(6, 3, 4, 5).transpose(2, 3)  # another shape, the same reason
+_STRIDED = {
+    "transposed 2-D": lambda: torch.randn(10, 6).t(),
+    "sliced NCL": lambda: torch.randn(8, 4, 10)[:, :, ::2],
+    "sliced NCHW": lambda: torch.randn(4, 6, 8, 8)[:, :, ::2],
+    "sliced channels_last": lambda: torch.randn(4, 6, 8, 8).to(memory_format=torch.channels_last)[:, :, ::2],
+    "permuted 4-D": lambda: torch.randn(4, 8, 8, 6).permute(0, 3, 2, 1),
+    "sliced channels_last_3d": lambda: torch.randn(2, 6, 4, 4, 4).to(memory_format=torch.channels_last_3d)[:, :, :, ::2],
+    "every other channel": lambda: torch.randn(4, 12, 5, 5)[:, ::2],
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", list(_STRIDED))
+def test_strided_input_runs_the_kernel_silently_and_matches_torch(case, training, monkeypatch, fresh_warnings):
+    """torch's kernel reads any strides; covshift copies them into input.suggest_memory_format()'s
+    layout (torch's output layout) and runs its kernel: no warning, torch's values and strides."""
+    x = _STRIDED[case]()
+    calls = []
+    real = op_lib.kernel
+    monkeypatch.setattr(op_lib, "kernel", lambda *a: calls.append(1) or real(*a))
+    C = x.shape[1]
+    ref = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[x.dim()](C)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5), ref.bias.uniform_(-1, 1), ref.running_var.uniform_(0.5, 2)
+    ours = cnn.convert(ref)
+    ref.train(training), ours.train(training)
+    x1, x2 = x.detach().requires_grad_(), x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
     with use_backend("auto"):
-        y, first = _warnings_of(lambda: batch_norm(x, None, None, training=True))
-        _, second = _warnings_of(lambda: batch_norm(x, None, None, training=True))
-        _, third = _warnings_of(lambda: batch_norm(other, None, None, training=True))
-    assert len(first) == 1 and "channels_last" in str(first[0].message) and not second and not third
-    with use_backend("reference"):
-        torch.testing.assert_close(y, batch_norm(x, None, None, training=True))
+        y2, seen = _warnings_of(lambda: ours(x2))
+    y1 = ref(x1)
+    assert not seen and calls
+    torch.testing.assert_close(y2, y1)
+    assert y2.stride() == y1.stride()
+    g = torch.randn_like(y1)
+    y1.backward(g), y2.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_empty_batch_follows_torchs_rule(dtype, training, affine):
+    """N = 0 (torch's ModuleInfo "zero_batch" input, here also strided): torch returns a copy of the
+    input with its strides, times weight[0] plus bias[0]; gradients are zeros and the running
+    statistics stay. Before, eval mode on strided empty input failed in the kernel's backward."""
+    base = torch.randn(0, 5, 18, dtype=dtype)[:, :, ::2]
+    ref = torch.nn.BatchNorm1d(5, affine=affine, dtype=dtype)
+    ours = cnn.convert(ref)
+    ref.train(training), ours.train(training)
+    x1, x2 = base.detach().requires_grad_(), base.detach().clone().requires_grad_()
+    y1, y2 = ref(x1), ours(x2)
+    assert y2.shape == y1.shape and y2.stride() == y1.stride() and y2.dtype == y1.dtype
+    y1.sum().backward(), y2.sum().backward()
+    assert x2.grad.shape == x1.grad.shape
+    if affine:
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name))
 
 
 def test_mixed_parameter_dtype_is_torchs_error_not_a_fallback(fresh_warnings):

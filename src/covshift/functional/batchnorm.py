@@ -43,6 +43,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format  # c10's rule, as torch's own kernels apply it
 
 from covshift.ops import batch_norm as _op
 from covshift.ops import dispatch
@@ -515,8 +516,22 @@ def run(
             return _op.kernel(input, weight, bias, running_mean, running_var, True, m, eps)[0]
         if not dispatch.tracing_inference():
             return _op.kernel(input, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
+    if input.numel() == 0:
+        # torch's rule for an empty batch (ATen's _batch_norm_impl_index): a copy of the input (its
+        # strides kept), times the first weight, plus the first bias, so that autograd still links
+        # input and parameters (their gradients are zeros); the running statistics stay as they are.
+        out = input.clone()
+        if weight is not None:
+            out = out * weight[0]
+        if bias is not None:
+            out = out + bias[0]
+        return out
+    if input.layout == torch.strided and not dispatch.dense(input):
+        # torch's kernel reads any strides and lays its output out as input.suggest_memory_format();
+        # ours reads three layouts, so other strides (a transpose, a slice) are copied into that one.
+        input = input.contiguous(memory_format=suggest_memory_format(input))
     if training:
-        if input.numel() > 0 and dispatch.use_kernel(input, running_mean, running_var, weight, bias):
+        if dispatch.use_kernel(input, running_mean, running_var, weight, bias):
             kernel = _kernel()
             if isinstance(momentum, Tensor) and not torch.compiler.is_compiling():
                 momentum = float(momentum)  # a CPU scalar: reading it costs no device sync
@@ -526,10 +541,6 @@ def run(
             # variance recovered from invstd (to float32 rounding), so there is no graph break.
             y, mean, invstd = kernel(input, weight, bias, None, None, True, 0.0, eps)
             var = invstd.pow(-2) - eps
-        elif input.numel() == 0:
-            # N = 0: nothing to normalize, and the running statistics stay as they are.
-            zeros = torch.zeros(input.shape[1], dtype=acc_dtype(input.dtype), device=input.device)
-            return BatchNormFunction.apply(input, weight, bias, zeros, torch.ones_like(zeros), False, eps)[0]
         else:
             y, mean, _, var = BatchNormFunction.apply(input, weight, bias, None, None, True, eps)
         if running_mean is not None or running_var is not None:

@@ -44,6 +44,7 @@ __all__ = [
     "use_backend",
     "fast_path_status",
     "use_kernel",
+    "dense",
     "transformed",
     "tracing_inference",
 ]
@@ -163,7 +164,7 @@ def tracing_inference() -> bool:
     return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
-def _dense(t: Tensor) -> bool:
+def dense(t: Tensor) -> bool:
     """Whether the kernel reads ``t`` as laid out: contiguous, channels_last or channels_last_3d."""
     if t.is_contiguous():
         return True
@@ -227,12 +228,7 @@ def _slow_use_kernel(input, running_mean, running_var, weight, bias) -> bool:
                 where = f"a {input.layout} tensor on {input.device.type}"
                 _warn_once(where, f"the fast path runs on dense CPU tensors, got {where}")
         return False
-    if not _dense(input):
-        _warn_once(
-            "layout",
-            "the fast path needs contiguous, channels_last or channels_last_3d input, got strides "
-            f"{tuple(input.stride())} for shape {tuple(input.shape)} (call .contiguous() first)",
-        )
+    if not dense(input):  # functional.batch_norm copies other strides into one of these first
         return False
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and (t.dtype != dtype or t.device.type != "cpu"):
