@@ -6,7 +6,8 @@ an empty batch).
 For every sample, in training and in eval, float32 and float64, a covshift layer and torch's layer
 built from the same constructor arguments and holding the same (randomized) state run the same
 two steps; outputs (values and strides), input and parameter gradients and every buffer must agree.
-The same again with the input non-contiguous (torch's ``noncontiguous_like``) and, for 4-D and 5-D
+And the samples of the ``nn.functional.batch_norm`` OpInfo (``op_db``) through
+``covshift.functional.batch_norm``. The same again with the input non-contiguous (torch's ``noncontiguous_like``) and, for 4-D and 5-D
 samples, channels_last; and ``gradcheck``/``gradgradcheck`` in float64 through ``functional_call``,
 as torch's ``test_grad``/``test_gradgrad`` do (their fast mode: random projections of the Jacobian).
 """
@@ -141,3 +142,46 @@ def test_a_sampled_layer_copies_pickles_and_reloads():
         assert type(other) is type(ours)
         for k, v in ours.state_dict().items():
             torch.testing.assert_close(other.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_functional_batch_norm_on_torchs_opinfo_samples(dtype):
+    """``covshift.functional.batch_norm`` on the samples of torch's ``nn.functional.batch_norm``
+    OpInfo (``op_db``): the same output, the same running statistics after the call, the same
+    gradients, and no warning."""
+    import warnings
+
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    import covshift.functional as cf
+
+    infos = [o for o in op_db if o.name == "nn.functional.batch_norm"]
+    assert infos
+    tol = _tol(dtype)
+    ran = 0
+    for info in infos:
+        for s in info.sample_inputs("cpu", dtype, requires_grad=True):
+
+            def clone(t):
+                return t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+
+            ref_in = [clone(s.input), *map(clone, s.args)], {k: clone(v) for k, v in s.kwargs.items()}
+            our_in = [clone(s.input), *map(clone, s.args)], {k: clone(v) for k, v in s.kwargs.items()}
+            y1 = info.op(*ref_in[0], **ref_in[1])
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                y2 = cf.batch_norm(*our_in[0], **our_in[1])
+            torch.testing.assert_close(y2, y1, **tol)
+            flat1 = [*ref_in[0], *ref_in[1].values()]
+            flat2 = [*our_in[0], *our_in[1].values()]
+            for a, b in zip(flat1, flat2):  # running statistics, updated in place
+                if isinstance(a, torch.Tensor):
+                    torch.testing.assert_close(b, a, **tol)
+            if y1.requires_grad:
+                g = torch.randn_like(y1)
+                y1.backward(g), y2.backward(g)
+                for a, b in zip(flat1, flat2):
+                    if isinstance(a, torch.Tensor) and a.requires_grad:
+                        torch.testing.assert_close(b.grad, a.grad, **tol)
+            ran += 1
+    assert ran >= 10
