@@ -359,3 +359,40 @@ def test_moments_of_finite_float32_values_whose_float32_sum_overflows():
     want = _brute_moments(x.numpy())
     assert mom[5] == 0 and mom[0] == 5000  # every value is finite
     _check_moments(mom, want, torch.float32)
+
+
+def _selection_cases():
+    """Samples whose bins hold hundreds or thousands of values, the shapes that the fused kernel's
+    selection (counting sub-ranges, recursively) has to get exactly right."""
+    g = torch.Generator().manual_seed(11)
+    n = 6000
+    cauchy = torch.randn(n, generator=g) / torch.randn(n, generator=g)  # heavy tails: min and max far out
+    return [
+        ("all below the edges", torch.rand(n, generator=g) * -50.0 - 3.0),
+        ("heavy tails", cauchy),
+        ("two tight clusters", torch.cat([1e-4 * torch.randn(n // 2, generator=g), 1.0 + 1e-4 * torch.randn(n // 2, generator=g)])),
+        ("duplicates and outliers", torch.cat([torch.full((n - 3,), 0.25), torch.tensor([-1e9, 1e9, 0.2500001])])),
+        ("a few wide bins", torch.randn(20000, generator=g)),
+        ("clustered inside one sub-range", torch.cat([torch.tensor([-1.0, 1.0]), 1e-6 * torch.randn(n, generator=g)])),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6), ids=[c[0] for c in _selection_cases()])
+def test_record_percentiles_are_exact_order_statistics_on_crowded_bins(case):
+    _need(True)
+    _, x = _selection_cases()[case]
+    x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(case))]
+    qs = [0.0, 0.5, 1.0, 7.5, 15.0, 33.3, 50.0, 66.6, 85.0, 99.0, 99.9, 100.0]
+    bins = 4 if "wide" in _selection_cases()[case][0] else 64
+    edges = stats.fixed_edges(-2.0, 2.0, bins, torch.float32)
+    a = stats.record(x, None, torch.tensor(edges), 2.5, qs, use_extension=True)
+    f, hist, pct = _brute_record(x, None, edges, 2.5, qs)
+    np.testing.assert_array_equal(a[9 : 11 + bins].numpy(), hist)
+    np.testing.assert_allclose(a[11 + bins :].numpy(), pct, rtol=1e-9, atol=0)  # NumPy's interpolation rounds differently
+    # exactly: the two order statistics around each rank, interpolated as the kernel does
+    s = np.sort(f)
+    h = (s.size - 1) * np.asarray(qs) / 100.0
+    lo = np.floor(h).astype(np.int64)
+    hi = np.minimum(lo + 1, s.size - 1)
+    want = s[lo] + (s[hi] - s[lo]) * (h - lo)
+    np.testing.assert_array_equal(a[11 + bins :].numpy(), want)

@@ -586,44 +586,98 @@ void bin_f32(const float* x, int64_t n, const double* e, int64_t B, double thres
   nonpos = z_acc;
 }
 
-// The targets-th order statistics of n values whose bins idx (and bin counts h, B + 2) are known:
-// only the values of the bins holding a wanted rank are gathered and selected.
+// out[q] = the r[q]-th smallest of v[0..m) (r sorted, distinct; v is permuted). Quickselect's
+// partitions branch on every comparison, and on fresh data (every training step's activation)
+// about half of those branches are mispredicted. So a range of more than kRefineMin values is first
+// split by a counting pass into kSub sub-ranges by a map that never decreases in v,
+//   s(v) = min(kSub - 1, floor((v - lo) * kSub / (hi - lo)))   (in double; lo, hi the min and max),
+// so every value of sub-range s is <= every value of sub-range s + 1: a rank's sub-range is known
+// from the counts, and the values of the sub-ranges that hold a wanted rank, compacted in their
+// input order, hold those ranks shifted by the count of the skipped values below them. Exact: the
+// values themselves are selected, the map only decides where to look. Every pass is branch-free
+// (the compaction advances one write position by a 0/1 flag, so nothing waits on memory).
+constexpr int64_t kRefineMin = 128;
+constexpr int64_t kSub = 256;
+
 template <typename T>
-void order_stats_binned(const T* x, int64_t n, const int32_t* idx, const int64_t* h, int64_t B,
-                        const std::vector<int64_t>& targets, std::vector<double>& out) {
-  thread_local std::vector<int32_t> slot;
-  thread_local std::vector<T> scratch;
-  slot.assign(static_cast<size_t>(B + 2), -1);
-  std::vector<int64_t> tb(targets.size()), start, offset(1, 0);
-  int64_t cum = 0;
-  size_t j = 0;
-  int32_t needed = 0;
-  for (int64_t b = 0; b < B + 2 && j < targets.size(); ++b) {
-    const int64_t c = h[b];
-    if (targets[j] < cum + c) {
-      slot[b] = needed++;
-      start.push_back(cum);
-      offset.push_back(offset.back() + c);
-      while (j < targets.size() && targets[j] < cum + c) tb[j++] = slot[b];
+void select_refined(T* v, int64_t m, const int64_t* r, int64_t nt, double* out, int depth = 0) {
+  if (m <= kRefineMin || depth >= 3) {
+    std::vector<int64_t> t(r, r + nt);
+    select(v, 0, m, t.data(), nt);
+    for (int64_t q = 0; q < nt; ++q) out[q] = static_cast<double>(v[r[q]]);
+    return;
+  }
+  T lo = v[0], hi = v[0];
+  for (int64_t i = 1; i < m; ++i) {
+    lo = std::min(lo, v[i]);
+    hi = std::max(hi, v[i]);
+  }
+  if (!(lo < hi)) {  // all equal
+    for (int64_t q = 0; q < nt; ++q) out[q] = static_cast<double>(lo);
+    return;
+  }
+  const double dlo = static_cast<double>(lo), scale = static_cast<double>(kSub) / (static_cast<double>(hi) - dlo);
+  std::vector<uint8_t> sidx(static_cast<size_t>(m));  // kSub == 256: one byte per value
+  int64_t count[kSub] = {};
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t sb = std::min<int64_t>(kSub - 1, static_cast<int64_t>((static_cast<double>(v[i]) - dlo) * scale));
+    sidx[i] = static_cast<uint8_t>(sb);
+    ++count[sb];
+  }
+  uint8_t need[kSub] = {};
+  std::vector<int64_t> shifted(static_cast<size_t>(nt));
+  int64_t cum = 0, skipped = 0, total = 0, q = 0;
+  for (int64_t b = 0; b < kSub && q < nt; ++b) {
+    const int64_t c = count[b];
+    if (r[q] < cum + c) {
+      need[b] = 1;
+      total += c;
+      while (q < nt && r[q] < cum + c) shifted[q] = r[q] - skipped, ++q;
+    } else {
+      skipped += c;
     }
     cum += c;
   }
-  scratch.resize(static_cast<size_t>(offset.back()));
-  std::vector<int64_t> fill(offset.begin(), offset.end() - 1);
+  std::vector<T> g(static_cast<size_t>(total + 1));  // + 1: the cell the last skipped value lands in
+  int64_t pos = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    g[pos] = v[i];
+    pos += need[sidx[i]];
+  }
+  select_refined(g.data(), total, shifted.data(), nt, out, depth + 1);
+}
+
+// The targets-th order statistics of n values whose bins idx (and bin counts h, B + 2) are known:
+// the values of the bins that hold a wanted rank are compacted (branch-free, in input order) and
+// their order statistics, the targets shifted by the count of the skipped bins below, selected by
+// select_refined (the bins are ordered, so the skipped values below a target are all smaller).
+template <typename T>
+void order_stats_binned(const T* x, int64_t n, const int32_t* idx, const int64_t* h, int64_t B,
+                        const std::vector<int64_t>& targets, std::vector<double>& out) {
+  thread_local std::vector<uint8_t> need;
+  thread_local std::vector<T> scratch;
+  need.assign(static_cast<size_t>(B + 2), 0);
+  std::vector<int64_t> shifted(targets.size());
+  int64_t cum = 0, skipped = 0, total = 0;
+  size_t j = 0;
+  for (int64_t b = 0; b < B + 2 && j < targets.size(); ++b) {
+    const int64_t c = h[b];
+    if (targets[j] < cum + c) {
+      need[b] = 1;
+      total += c;
+      while (j < targets.size() && targets[j] < cum + c) shifted[j] = targets[j] - skipped, ++j;
+    } else {
+      skipped += c;
+    }
+    cum += c;
+  }
+  scratch.resize(static_cast<size_t>(total + 1));
+  int64_t pos = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const int32_t sl = slot[idx[i]];
-    if (sl >= 0) scratch[fill[sl]++] = x[i];
+    scratch[pos] = x[i];
+    pos += need[idx[i]];
   }
-  size_t t0 = 0;
-  std::vector<int64_t> local;
-  for (int32_t k = 0; k < needed; ++k) {
-    local.clear();
-    size_t t1 = t0;
-    while (t1 < targets.size() && tb[t1] == k) local.push_back(targets[t1++] - start[k] + offset[k]);
-    select(scratch.data(), offset[k], offset[k + 1], local.data(), static_cast<int64_t>(local.size()));
-    for (size_t q = t0; q < t1; ++q) out[q] = scratch[local[q - t0]];
-    t0 = t1;
-  }
+  select_refined(scratch.data(), total, shifted.data(), static_cast<int64_t>(shifted.size()), out.data());
 }
 
 // Histogram with tails, saturated and non-positive counts of n finite values.
