@@ -26,3 +26,18 @@ def test_workers_deliver_every_unit_and_on_idle_fires_once(tmp_path):
         status = json.loads((tmp_path / u.path / "status.json").read_text())
         assert status["status"] == "complete" and status["step"] == 10
         assert (tmp_path / u.path / "metrics.jsonl").read_text().count("\n") >= 3
+
+
+def test_an_unreachable_ray_address_is_a_config_error_not_a_traceback(monkeypatch, tmp_path):
+    """ray.init's ConnectionError (no cluster at --ray-address) becomes the CLI's one-line error."""
+    ray = pytest.importorskip("ray", reason="the Ray executor needs the ray extra")
+    from covshift.experiments.config import ConfigError
+    from covshift.experiments.executors import run_ray
+
+    def refuse(*a, **k):
+        raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.1:6379")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ConfigError, match=r"--ray-address 192.0.2.1:6379: .*ray start --head"):
+        run_ray(get_experiment("fig1"), [], tmp_path, "192.0.2.1:6379")

@@ -116,3 +116,27 @@ def test_depth_resumes_and_merges_more_seeds(tmp_path):
     assert (out / "bn" / "depth=4" / "seed2" / "status.json").is_file()
     slopes = {c["name"]: c for c in second["claims"]}["gradient-explosion"]["numbers"]["slope BatchNorm"]
     assert slopes["n"] == 3 and slopes["values"][:2] == {c["name"]: c for c in first["claims"]}["gradient-explosion"]["numbers"]["slope BatchNorm"]["values"]
+
+
+@pytest.mark.parametrize(
+    "name, flags, says",
+    [
+        ("depth", ["--depths", "0"], "--depths expects positive"),
+        ("depth", ["--width", "0"], "--width must be positive"),
+        ("depth", ["--flat-slope", "-1"], "--flat-slope must be > 0"),
+        ("lr-sweep", ["--lrs", "0,1"], "--lrs expects positive"),
+        ("lr-sweep", ["--lrs", "1,nan"], "--lrs expects positive"),
+        ("lr-sweep", ["--trains-threshold", "2"], "--trains-threshold is a test accuracy"),
+        ("batch-size", ["--converged-error", "0"], "--converged-error is a test error"),
+        ("batch-size", ["--groups", "0"], "--groups must be a positive"),
+        ("landscape", ["--step-sizes", "1,nan"], "--step-sizes expects positive"),
+    ],
+)
+def test_a_bad_setting_of_a_literature_experiment_is_one_line_and_exit_2(tmp_path, capsys, name, flags, says):
+    """Before: --depths 0 and --width 0 failed every unit with a traceback (exit 1), --flat-slope -1
+    and --trains-threshold 2 ran, and --lrs 0 named --lr."""
+    out = tmp_path / "run"
+    assert main(["run", name, "--out", str(out), "--parallel", "no", "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "Traceback" not in err[0]
+    assert not list(out.glob("*/**/status.json"))  # no unit started

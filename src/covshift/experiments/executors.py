@@ -303,7 +303,10 @@ def run_ray(experiment: Experiment, jobs: list[tuple[Unit, ExperimentConfig]], r
         raise ConfigError(f"--executor ray needs Ray: pip install 'covshift[ray]' ({e})") from None
     started = False
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        except ConnectionError as e:
+            raise ConfigError(f"--ray-address {address}: {e}; start the cluster (ray start --head) or fix the address") from None
         started = True
     try:
         from covshift.experiments.registry import origin

@@ -67,6 +67,10 @@ class BatchSizeConfig(ExperimentConfig):
             raise ConfigError(f"--samples and --base-batch must be positive and --batch-sizes at least 2 each, got {self.samples}, {self.base_batch}, {self.batch_sizes}")
         if len(self.channels) != 2 or min(self.channels) < 1:
             raise ConfigError(f"--channels expects two positive channel counts, got {self.channels}")
+        if self.groups < 1:
+            raise ConfigError(f"--groups must be a positive integer, got {self.groups}")
+        if not 0 < self.converged_error <= 1:
+            raise ConfigError(f"--converged-error is a test error in (0, 1], got {self.converged_error}")
 
 
 def renorm_schedule(steps: int) -> dict:

@@ -52,6 +52,17 @@ class DepthConfig(ExperimentConfig):
     depths: tuple[int, ...] = _doc("numbers of hidden layers, the sweep's grid", default=(4, 8, 16, 32, 64, 128))
     flat_slope: float = _doc("the plain network is 'flat' when its slope of the log gradient ratio per layer lies within plus or minus this (95 percent interval)", default=0.01)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from covshift.experiments.config import ConfigError
+
+        if self.depth < 1 or self.width < 1:
+            raise ConfigError(f"--depth and --width must be positive integers, got {self.depth} and {self.width}")
+        if not self.depths or min(self.depths) < 1:
+            raise ConfigError(f"--depths expects positive numbers of hidden layers, e.g. 4,8,16; got {self.depths}")
+        if not self.flat_slope > 0:
+            raise ConfigError(f"--flat-slope must be > 0 (a half-width around a zero slope), got {self.flat_slope}")
+
 
 def _result(u, key: str) -> Optional[float]:
     r = u.status.get("result") or {}

@@ -53,7 +53,7 @@ class LandscapeConfig(ExperimentConfig):
 
         if self.landscape_every < 1:
             raise ConfigError(f"--landscape-every must be a positive integer, got {self.landscape_every}")
-        if not self.step_sizes or min(self.step_sizes) <= 0:
+        if not self.step_sizes or not all(v > 0 for v in self.step_sizes):
             raise ConfigError(f"--step-sizes expects positive numbers, e.g. 0.05,0.1,0.2; got {self.step_sizes}")
 
 

@@ -59,6 +59,15 @@ class LrSweepConfig(ExperimentConfig):
     )
     trains_threshold: float = doc_field("final test accuracy at or above which a run counts as trained", default=0.5)
 
+    def __post_init__(self) -> None:
+        from covshift.experiments.config import ConfigError
+
+        if not self.lrs or not all(v > 0 for v in self.lrs):  # before the base check, which would name --lr
+            raise ConfigError(f"--lrs expects positive learning rates, e.g. 0.01,0.1,1; got {self.lrs}")
+        super().__post_init__()
+        if not 0 < self.trains_threshold <= 1:
+            raise ConfigError(f"--trains-threshold is a test accuracy in (0, 1], got {self.trains_threshold}")
+
 
 def _result(u, key: str) -> Optional[float]:
     v = (u.status.get("result") or {}).get(key)
