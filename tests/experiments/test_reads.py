@@ -243,3 +243,36 @@ def test_a_toy_with_its_own_unit_function_declares_what_it_reads(capsys):
         dataclasses.replace(toy, reads={"scael"})
     with pytest.raises(ValueError, match="instead= is for fields it does not read"):
         dataclasses.replace(toy, instead={"scale": "x"})
+
+
+def test_run_experiment_warns_about_a_setting_that_would_do_nothing(tmp_path):
+    """The Python API's counterpart of the CLI's rejection: a changed field that an arm overwrites,
+    or that the experiment never reads, runs with a warning that names it (not silently)."""
+    import dataclasses
+
+    from covshift.experiments.registry import get_experiment
+    from covshift.experiments.runner import _warn_unused_settings
+
+    fig1 = get_experiment("fig1")
+    with pytest.warns(UserWarning, match=r"run_experiment\('fig1'\): --norm is set by fig1's declaration \(arm 'no-bn'"):
+        _warn_unused_settings(fig1, dataclasses.replace(fig1.config, norm="renorm"))
+    depth = get_experiment("depth")
+    with pytest.warns(UserWarning, match=r"--hidden does nothing in depth"):
+        _warn_unused_settings(depth, dataclasses.replace(depth.config, hidden=(7,)))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # settings it reads, and where it runs, are silent
+        _warn_unused_settings(fig1, dataclasses.replace(fig1.config, steps=10, out=str(tmp_path), progress=False))
+        _warn_unused_settings(depth, dataclasses.replace(depth.config, width=8))
+
+
+def test_run_experiment_itself_gives_that_warning():
+    import dataclasses
+
+    from covshift.experiments.registry import get_experiment
+    from covshift.experiments.runner import RunDirError, run_experiment
+
+    cfg = dataclasses.replace(get_experiment("fig1").config, norm="renorm", out="/proc/covshift-cannot-write-here")
+    with pytest.warns(UserWarning, match="--norm is set by fig1's declaration"), pytest.raises(RunDirError):
+        run_experiment("fig1", cfg)  # warned before anything runs (the unwritable --out stops it there)

@@ -152,6 +152,25 @@ def _prepare_report() -> None:
     threading.Thread(target=importlib.import_module, args=("covshift.experiments.plots",), daemon=True).start()
 
 
+def _warn_unused_settings(exp: Experiment, config: ExperimentConfig) -> None:
+    """The API's counterpart of the CLI's check: a setting (changed from the declaration's default)
+    that an arm or the sweep overwrites, or that the experiment never reads, would silently do
+    nothing; say so with a warning (the CLI rejects it)."""
+    import warnings
+
+    from covshift.experiments.config import ConfigError
+
+    changed = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in EXECUTION_FIELDS and hasattr(exp.config, f.name) and getattr(config, f.name) != getattr(exp.config, f.name)
+    }
+    try:
+        exp.check_overrides(changed)
+    except ConfigError as e:
+        warnings.warn(f"run_experiment({exp.name!r}): {e}", UserWarning, stacklevel=3)
+
+
 def run_experiment(
     experiment: str,
     config: Optional[ExperimentConfig] = None,
@@ -176,6 +195,8 @@ def run_experiment(
 
     say = notify or log.info
     exp = get_experiment(experiment)
+    if config is not None:
+        _warn_unused_settings(exp, config)
     config = config if config is not None else exp.config
     run_dir = _prepare_run_dir(Path(config.out) if config.out else default_run_dir(experiment))
     config = dataclasses.replace(config, out=str(run_dir))
