@@ -26,6 +26,14 @@ view (``table``, ``series``, ...) is read, or on leaving the ``with`` block.
 Hooks exist only during armed steps: :meth:`~ActivationMonitor.step` registers them when it arms a
 checkpoint and removes them at the next call, so the steps in between cost nothing.
 
+Under ``torch.compile`` (the model, or a module in it, compiled: ``torch.compile(model)`` or
+``model.compile()``) the hooks stay registered from :meth:`~ActivationMonitor.attach` to
+:meth:`~ActivationMonitor.detach` and are opaque to dynamo (``torch.compiler.disable``): the compiled
+forward calls them as Python at every step (a graph break per watched module), which keeps the records
+right, since dynamo does not retrace when hooks are added or removed. Attach the monitor before the
+compiled model's first forward: a graph traced without the hooks never calls them (the monitor then
+warns that a checkpoint recorded nothing).
+
 A module called several times in one forward (shared weights, one activation module reused) is
 recorded per call: ``"act"``, ``"act#1"``, ``"act#2"``, ... Only modules are seen: an activation
 called as a function (``torch.sigmoid`` inside ``forward``) is watched through the module before it
@@ -56,7 +64,7 @@ from covshift.monitor import io, stats
 from covshift.monitor.config import MonitorConfig
 from covshift.monitor.flush import Pending
 from covshift.monitor.records import ChannelStats, Histograms, Layer, MonitorRecords, RecordKey
-from covshift.monitor.hooks import _first_float_tensor, suspend_monitors, suspended
+from covshift.monitor.hooks import _first_float_tensor, compiled, eager_hook, suspend_monitors, suspended
 from covshift.monitor.probe import probe_state
 from covshift.monitor.selection import select_modules
 from covshift.monitor.writer import RunWriter
@@ -190,6 +198,8 @@ class ActivationMonitor:
         self._warned_idle = False
         self._probed_step: Optional[int] = None
         self._hook_plan: Optional[list[tuple[nn.Module, Any]]] = None  # (module, bound hook) per watched name
+        self._root_hooks: tuple[Any, Any] = (self._root_enter, self._root_exit)
+        self._persistent = False  # hooks kept registered while attached (a compiled model): see attach()
         self._sample_size = int(config.sample_size)
         self._flush_every = int(config.flush_every)
         self._every = int(config.every)
@@ -205,11 +215,14 @@ class ActivationMonitor:
         if self._attached:
             return self
         self._attached = True
+        self._persistent = compiled(self.model)  # see the module docstring: hooks for a compiled model
+        self._hook_plan = None
         self._write_meta()
         if self.optimizer is not None:
             self._opt_handle = self.optimizer.register_step_post_hook(self._on_optimizer_step)
-        if self._armed:
+        if self._armed or self._persistent:
             self._register()
+        if self._armed:
             self._maybe_probe()
         return self
 
@@ -228,18 +241,20 @@ class ActivationMonitor:
     def _register(self) -> None:
         if self._handles:
             return
+        wrap = eager_hook if self._persistent else (lambda f: f)
         if self._hook_plan is None:  # resolved once: at every=10 this runs every tenth step
             mods = dict(self.model.named_modules())
             on = self._on_input if self.config.point == "input" else self._on_output
-            self._hook_plan = [(mods[n], functools.partial(on, n)) for n in self.modules]
+            self._hook_plan = [(mods[n], wrap(functools.partial(on, n))) for n in self.modules]
+            self._root_hooks = (wrap(self._root_enter), wrap(self._root_exit))
         add = self._handles.append
         # The root's hooks open and close the measured window; the pre-hook goes first so that it
         # runs before a point hook on the root itself, the post-hook last (always, even on error).
-        add(self.model.register_forward_pre_hook(self._root_enter, prepend=True))
+        add(self.model.register_forward_pre_hook(self._root_hooks[0], prepend=True))
         pre = self.config.point == "input"
         for mod, hook in self._hook_plan:
             add(mod.register_forward_pre_hook(hook, with_kwargs=True) if pre else mod.register_forward_hook(hook))
-        add(self.model.register_forward_hook(self._root_exit, always_call=True))
+        add(self.model.register_forward_hook(self._root_hooks[1], always_call=True))
 
     def _unregister(self) -> None:
         for h in self._handles:
@@ -298,9 +313,11 @@ class ActivationMonitor:
             warnings.warn(
                 f"ActivationMonitor: step {self._step} was a checkpoint but no forward of the "
                 "monitored model was recorded (none ran, all ran in eval mode, or all ran inside "
-                "suspend_monitors()). The monitor records the first training-mode forward of the "
-                "model it was given after each checkpoint step; pass record_eval=True to record "
-                "eval-mode forwards. (Warned once.)",
+                "suspend_monitors(), or the model is torch.compile'd and was compiled before the monitor "
+                "was attached, so its graph never calls the hooks). The monitor records the first "
+                "training-mode forward of the model it was given after each checkpoint step; pass "
+                "record_eval=True to record eval-mode forwards; attach the monitor before a compiled "
+                "model's first forward (or call torch._dynamo.reset()). (Warned once.)",
                 stacklevel=3,
             )
         self._step += 1
@@ -312,7 +329,7 @@ class ActivationMonitor:
         if self._armed:
             self._register()
             self._maybe_probe()
-        else:
+        elif not self._persistent:
             self._unregister()
 
     def flush(self, write_histograms: bool = True) -> None:
@@ -342,7 +359,9 @@ class ActivationMonitor:
             self._calls.clear()
 
     def _root_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._recording and not self._probing:
+        # A forward counts as this checkpoint's only when a watched module was measured in it (a
+        # compiled graph traced without the hooks runs the root's hooks but none inside).
+        if self._recording and not self._probing and self._calls:
             self._armed = False  # one forward per checkpoint step
             self._pending_steps += 1
         self._recording = False

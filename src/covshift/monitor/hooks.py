@@ -2,13 +2,15 @@
 
 * :func:`suspend_monitors`: forwards inside it are recorded by no monitor;
 * :func:`_first_float_tensor`: what a hook measures in a module's arguments or output;
-* :func:`_one_cpu_thread`, :func:`_cuda_devices`: the flush's thread setting, the RNG devices to fork.
+* :func:`_one_cpu_thread`, :func:`_cuda_devices`: the flush's thread setting, the RNG devices to fork;
+* :func:`compiled`, :func:`eager_hook`: hooks on a model that ``torch.compile`` runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 from typing import Any, Iterator, Mapping, Optional
 
 import torch
@@ -74,3 +76,20 @@ def _cuda_devices(model: nn.Module) -> list[int]:
 def suspended() -> bool:
     """Whether the caller is inside :func:`suspend_monitors`."""
     return _SUSPENDED.get() != 0
+
+
+def compiled(model: nn.Module) -> bool:
+    """Whether ``torch.compile`` runs ``model`` or a module in it: an ``OptimizedModule`` (what
+    ``torch.compile(module)`` returns), or a module compiled in place (``Module.compile()``)."""
+    if "torch._dynamo" not in sys.modules:  # nothing can have been compiled in this process
+        return False
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
+def eager_hook(fn):
+    """``fn`` as a hook that a compiled forward calls as Python, every time (a graph break), instead of
+    tracing it once into the graph, where its side effects (the monitor's records) would happen only
+    while tracing."""
+    return torch.compiler.disable(fn, recursive=True)

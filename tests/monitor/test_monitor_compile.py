@@ -1,0 +1,83 @@
+"""ActivationMonitor on a model that torch.compile runs.
+
+dynamo does not retrace when module hooks are added or removed (``skip_nnmodule_hook_guards``), and
+it traces a hook's Python into the graph once, so a monitor that registers its hooks per armed step
+recorded step 0 only, and silently. On a compiled model the monitor keeps its hooks while attached
+and makes them opaque to dynamo; these tests compare its records with an eager run of the same
+training (same seed, same batches), and check the warning for a model compiled before attaching.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from covshift.monitor import ActivationMonitor
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test traces afresh: dynamo's cache would reuse another test's graph (same code, same shapes)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2)
+    )
+
+
+def _train(mode, tmp_path, every=3, steps=10):
+    model = _model()
+    forward = {"eager": model, "torch.compile": None, "Module.compile": model}[mode]
+    if mode == "torch.compile":
+        forward = torch.compile(model)
+    elif mode == "Module.compile":
+        model.compile()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    mon = ActivationMonitor(forward, every=every, log_dir=tmp_path / mode)
+    with mon:
+        for _ in range(steps):
+            loss = forward(torch.randn(16, 20, generator=gen)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step()
+    return {layer.replace("_orig_mod.", ""): (list(mon.steps(layer)), mon.series(layer, "mean")[1], mon.series(layer, "p50")[1]) for layer in mon.layers}
+
+
+@pytest.mark.parametrize("mode", ["torch.compile", "Module.compile"])
+def test_a_compiled_model_is_recorded_at_every_checkpoint_as_in_eager(mode, tmp_path):
+    eager = _train("eager", tmp_path)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = _train(mode, tmp_path)
+    assert not [w for w in seen if "ActivationMonitor" in str(w.message)]  # no "checkpoint recorded nothing"
+    assert set(got) == set(eager) == {"1", "3"}
+    for layer, (steps, mean, p50) in eager.items():
+        assert steps == [0, 3, 6, 9]
+        assert got[layer][0] == steps
+        torch.testing.assert_close(torch.tensor(got[layer][1]), torch.tensor(mean), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(got[layer][2]), torch.tensor(p50), rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_compiled_before_the_monitor_attached_warns_instead_of_recording_nothing_silently(tmp_path):
+    model = _model()
+    compiled = torch.compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # traced now, without the monitor's hooks
+        compiled(torch.randn(16, 20)).pow(2).mean().backward()
+    with pytest.warns(UserWarning, match=r"compiled before the monitor was attached"):
+        with ActivationMonitor(compiled, every=2, log_dir=tmp_path) as mon:
+            for _ in range(3):
+                loss = compiled(torch.randn(16, 20)).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step()
