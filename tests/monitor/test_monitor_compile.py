@@ -41,7 +41,8 @@ def _train(mode, tmp_path, every=3, steps=10):
         model.compile()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(1)
-    mon = ActivationMonitor(forward, every=every, log_dir=tmp_path / mode)
+    probe = torch.randn(8, 20, generator=torch.Generator().manual_seed(3))  # measured at every checkpoint too
+    mon = ActivationMonitor(forward, every=every, log_dir=tmp_path / mode, probe=probe)
     with mon:
         for _ in range(steps):
             loss = forward(torch.randn(16, 20, generator=gen)).pow(2).mean()
@@ -59,7 +60,7 @@ def test_a_compiled_model_is_recorded_at_every_checkpoint_as_in_eager(mode, tmp_
         warnings.simplefilter("always")
         got = _train(mode, tmp_path)
     assert not [w for w in seen if "ActivationMonitor" in str(w.message)]  # no "checkpoint recorded nothing"
-    assert set(got) == set(eager) == {"1", "3"}
+    assert set(got) == set(eager) == {"1", "3", "1@probe", "3@probe"}
     for layer, (steps, mean, p50) in eager.items():
         assert steps == [0, 3, 6, 9]
         assert got[layer][0] == steps
@@ -81,3 +82,46 @@ def test_a_model_compiled_before_the_monitor_attached_warns_instead_of_recording
                 loss.backward()
                 opt.step()
                 mon.step()
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.act = torch.nn.Linear(16, 16), torch.nn.ReLU()
+
+    def forward(self, x):
+        return x + self.act(self.lin(x))
+
+
+def _resnet():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(_Block(), _Block(), _Block(), torch.nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "Module.compile"])
+def test_gradient_ics_and_signal_propagation_of_a_compiled_model_equal_eager(how):
+    """Before: gradient_ics of a compiled model returned NaN for every layer (functional_call's
+    parameters never reached the compiled graph) and signal_propagation failed inside dynamo. Their
+    own forwards now run eagerly (torch.compiler.set_stance("force_eager"))."""
+    from torch.nn import functional as F
+
+    from covshift.monitor import gradient_ics, signal_propagation
+
+    x, y = torch.randn(32, 16, generator=torch.Generator().manual_seed(2)), torch.arange(32) % 3
+    ref = _resnet()
+    model = _resnet()
+    if how == "torch.compile":
+        run = torch.compile(model)
+    else:
+        model.compile()
+        run = model
+    run(x)  # traced before the instruments run, without their hooks
+    opt_ref, opt = torch.optim.SGD(ref.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.1)
+    want = gradient_ics(ref, F.cross_entropy, x, y, opt_ref)
+    got = {k.replace("_orig_mod.", ""): v for k, v in gradient_ics(run, F.cross_entropy, x, y, opt).items()}
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k].cosine == pytest.approx(v.cosine, abs=1e-6) and got[k].l2_diff == pytest.approx(v.l2_diff, rel=1e-5, abs=1e-8)
+    sp_ref, sp = signal_propagation(ref, x), signal_propagation(run, x)
+    for stat in ("channel_sq_mean", "channel_var", "residual_var"):
+        torch.testing.assert_close(torch.as_tensor(sp.statistic(stat)), torch.as_tensor(sp_ref.statistic(stat)))

@@ -64,7 +64,7 @@ from covshift.monitor import io, stats
 from covshift.monitor.config import MonitorConfig
 from covshift.monitor.flush import Pending
 from covshift.monitor.records import ChannelStats, Histograms, Layer, MonitorRecords, RecordKey
-from covshift.monitor.hooks import _first_float_tensor, compiled, eager_hook, suspend_monitors, suspended
+from covshift.monitor.hooks import _first_float_tensor, compiled, eager, eager_hook, suspend_monitors, suspended
 from covshift.monitor.probe import probe_state
 from covshift.monitor.selection import select_modules
 from covshift.monitor.writer import RunWriter
@@ -432,7 +432,7 @@ class ActivationMonitor:
             self._run_probe()
 
     def _run_probe(self) -> None:
-        with probe_state(self.model, self.config.probe_mode):
+        with probe_state(self.model, self.config.probe_mode), eager(self.model):
             self._probing = True
             try:
                 self.model(*self._probe)  # type: ignore[misc]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from covshift.monitor.hooks import _cuda_devices, _first_float_tensor, suspend_monitors
+from covshift.monitor.hooks import _cuda_devices, _first_float_tensor, eager, suspend_monitors
 
 __all__ = ["find_blocks"]
 
@@ -178,7 +178,7 @@ def find_blocks(model: nn.Module, inputs: Any, *, training: Optional[bool] = Non
         if name not in called:
             called.append(name)
 
-    with _untouched(model, training):
+    with _untouched(model, training), eager(model):  # a compiled graph would not call the tracking hooks
         with _tracking(model, on_skip, lambda frame, out: None, on_call):
             model(*_as_args(inputs))
     outer = [n for n in residual if n and not any(_is_ancestor(o, n) for o in residual if o != n)]

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from covshift.monitor.hooks import _cuda_devices, suspend_monitors
+from covshift.monitor.hooks import _cuda_devices, eager, suspend_monitors
 from covshift.monitor.config import LayerSpec
 from covshift.monitor.selection import select_modules
 
@@ -249,7 +249,7 @@ def gradient_ics(
     args = _as_args(inputs)
     cuda = _cuda_devices(model)
 
-    with suspend_monitors(), torch.random.fork_rng(devices=cuda):
+    with suspend_monitors(), eager(model), torch.random.fork_rng(devices=cuda):
         rng = _Rng(cuda)
         # G for every parameter at W^t, and the forward order
         seen, out = _trace_order(model, owners, lambda: _run(model, {}, args, rng))

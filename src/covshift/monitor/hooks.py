@@ -3,7 +3,8 @@
 * :func:`suspend_monitors`: forwards inside it are recorded by no monitor;
 * :func:`_first_float_tensor`: what a hook measures in a module's arguments or output;
 * :func:`_one_cpu_thread`, :func:`_cuda_devices`: the flush's thread setting, the RNG devices to fork;
-* :func:`compiled`, :func:`eager_hook`: hooks on a model that ``torch.compile`` runs.
+* :func:`compiled`, :func:`eager_hook`, :func:`eager`: hooks and extra forwards on a model that
+  ``torch.compile`` runs.
 """
 
 from __future__ import annotations
@@ -93,3 +94,17 @@ def eager_hook(fn):
     tracing it once into the graph, where its side effects (the monitor's records) would happen only
     while tracing."""
     return torch.compiler.disable(fn, recursive=True)
+
+
+@contextlib.contextmanager
+def eager(model: nn.Module) -> Iterator[None]:
+    """Within this block, ``model``'s forwards run as plain Python even if ``torch.compile`` runs it
+    (``torch.compiler.set_stance("force_eager")``). The instruments' own extra forwards (gradient
+    ICS, signal propagation, the monitor's probe) need their hooks called and their parameters swapped
+    (``functional_call``), which a compiled graph traced without them ignores, and a one-off forward
+    gains nothing from compiling (its ``no_grad`` or eval mode would only add graphs)."""
+    if not compiled(model):
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"):
+        yield

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from covshift._io import atomic_write_bytes
 from covshift.monitor.blocks import _as_args, _Frame, _tracking, _untouched, find_blocks
+from covshift.monitor.hooks import eager
 from covshift.monitor.rank import (  # noqa: F401 - singular_values, mean_cosine_similarity: re-exported
     _as_matrix,
     _compute_dtype,
@@ -306,7 +307,7 @@ def signal_propagation(
         )[1]
         found[frame.name] = rec
 
-    with _untouched(model, training):
+    with _untouched(model, training), eager(model):  # a compiled graph would not call the tracking hooks
         mode = model.training
         with _tracking(model, on_skip, on_output):
             model(*args)
