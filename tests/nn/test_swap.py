@@ -122,3 +122,20 @@ def test_convert_a_bare_layer_and_back_keeps_its_tensors_and_mode():
     assert type(back) is torch.nn.BatchNorm2d and back.running_var is bn.running_var
     with pytest.raises(ValueError, match="expected 'covshift' or 'torch'"):
         cnn.convert(bn, to="jax")
+
+
+def test_convert_warns_about_an_uninitialized_lazy_batchnorm_and_swaps_it_once_materialized():
+    import warnings
+
+    import covshift.nn as cnn
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.LazyBatchNorm2d(), torch.nn.ReLU())
+    with pytest.warns(UserWarning, match=r"convert: 1 is an uninitialized torch.nn.LazyBatchNorm"):
+        cnn.convert(model)
+    assert type(model[1]) is torch.nn.LazyBatchNorm2d  # left as torch's, as the warning says
+    x = torch.randn(4, 3, 8, 8)
+    model(x)  # materializes it into torch's BatchNorm2d
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cnn.convert(model)
+    assert type(model[1]) is cnn.BatchNorm2d

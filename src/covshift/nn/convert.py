@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -17,6 +18,7 @@ _TO_COVSHIFT = {
     torch.nn.BatchNorm3d: BatchNorm3d,
 }
 _TO_TORCH = {v: k for k, v in _TO_COVSHIFT.items()}
+_LAZY = (torch.nn.LazyBatchNorm1d, torch.nn.LazyBatchNorm2d, torch.nn.LazyBatchNorm3d)
 
 
 def convert(model: torch.nn.Module, to: Literal["covshift", "torch"] = "covshift") -> torch.nn.Module:
@@ -31,10 +33,23 @@ def convert(model: torch.nn.Module, to: Literal["covshift", "torch"] = "covshift
     The model is changed in place and returned; when ``model`` itself is a BatchNorm layer the
     converted layer is returned instead.
 
+    A ``torch.nn.LazyBatchNorm*`` whose parameters are not materialized yet cannot be swapped (it has
+    no channel count): it stays torch's and becomes torch's ``BatchNorm*`` at its first forward, so
+    ``convert`` warns, naming it; run one forward first, then convert.
+
     Raises:
         ValueError: ``to`` is neither ``"covshift"`` nor ``"torch"``.
     """
     if to == "covshift":
+        lazy = [n or type(model).__name__ for n, m in model.named_modules() if isinstance(m, _LAZY) and m.has_uninitialized_params()]
+        if lazy:
+            warnings.warn(
+                f"convert: {', '.join(lazy)} {'is an' if len(lazy) == 1 else 'are'} uninitialized torch.nn.LazyBatchNorm "
+                "layer(s), left as torch's (they become torch's BatchNorm at their first forward). Run one forward "
+                "through the model first, then convert.",
+                UserWarning,
+                stacklevel=2,
+            )
         table = _TO_COVSHIFT
     elif to == "torch":
         table = _TO_TORCH
