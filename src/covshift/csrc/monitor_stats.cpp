@@ -132,27 +132,20 @@ inline double lanes_sum(const double* acc) {
   return s;
 }
 
-// Lane-wise min / max without NaN propagation (at::vec::minimum propagates NaN, at three
-// instructions a call): the callers detect a NaN by the non-finite sum and redo the chunk exactly.
-template <typename T>
-inline Vec<T> min_nonan(const Vec<T>& a, const Vec<T>& b) {
+// Lane-wise min (Max = false) or max (Max = true) without NaN propagation (at::vec::minimum
+// propagates NaN, at three instructions a call): the callers detect a NaN by the non-finite sum and
+// redo the chunk exactly.
+template <typename T, bool Max>
+inline Vec<T> extreme_nonan(const Vec<T>& a, const Vec<T>& b) {
+  constexpr bool f32 = std::is_same_v<T, float>;
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) return Vec<T>(_mm512_min_ps(a, b)); else return Vec<T>(_mm512_min_pd(a, b));
+  if constexpr (Max) { if constexpr (f32) return Vec<T>(_mm512_max_ps(a, b)); else return Vec<T>(_mm512_max_pd(a, b)); }
+  else { if constexpr (f32) return Vec<T>(_mm512_min_ps(a, b)); else return Vec<T>(_mm512_min_pd(a, b)); }
 #elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) return Vec<T>(_mm256_min_ps(a, b)); else return Vec<T>(_mm256_min_pd(a, b));
+  if constexpr (Max) { if constexpr (f32) return Vec<T>(_mm256_max_ps(a, b)); else return Vec<T>(_mm256_max_pd(a, b)); }
+  else { if constexpr (f32) return Vec<T>(_mm256_min_ps(a, b)); else return Vec<T>(_mm256_min_pd(a, b)); }
 #else
-  return at::vec::minimum(a, b);
-#endif
-}
-
-template <typename T>
-inline Vec<T> max_nonan(const Vec<T>& a, const Vec<T>& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) return Vec<T>(_mm512_max_ps(a, b)); else return Vec<T>(_mm512_max_pd(a, b));
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) return Vec<T>(_mm256_max_ps(a, b)); else return Vec<T>(_mm256_max_pd(a, b));
-#else
-  return at::vec::maximum(a, b);
+  if constexpr (Max) return at::vec::maximum(a, b); else return at::vec::minimum(a, b);
 #endif
 }
 
@@ -174,8 +167,8 @@ Moments chunk_moments(const T* x, int64_t len) {
       const V a = V::loadu(x + i), b = V::loadu(x + i + W);
       s0 = s0 + a;
       s1 = s1 + b;
-      lo = min_nonan<T>(lo, min_nonan<T>(a, b));
-      hi = max_nonan<T>(hi, max_nonan<T>(a, b));
+      lo = extreme_nonan<T, false>(lo, extreme_nonan<T, false>(a, b));
+      hi = extreme_nonan<T, true>(hi, extreme_nonan<T, true>(a, b));
     }
     (s0 + s1).store(buf);
     fold<T, W>(acc, buf);
