@@ -24,6 +24,7 @@ Meaning of the statistics: see :mod:`covshift.monitor.stats` (non-finite values 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Mapping, NamedTuple, Optional, Sequence
 
@@ -134,6 +135,11 @@ def stat_names(percentiles: Sequence[float], channels: bool) -> tuple[str, ...]:
     return tuple(base + (["frac_dead"] if channels else []) + ["numel"])
 
 
+@functools.lru_cache(maxsize=64)
+def _without_dead(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(n for n in names if n != "frac_dead")
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordBatch:
     """The records of one flush on the host, in recording order: what every writer consumes.
@@ -159,9 +165,10 @@ class RecordBatch:
         return len(self.keys)
 
     def row_names(self, i: int) -> tuple[str, ...]:
-        """The scalar names that row ``i`` really has (``frac_dead`` only with channel statistics)."""
+        """The scalar names that row ``i`` really has (``frac_dead`` only with channel statistics):
+        :attr:`names` itself, or one shared tuple without ``frac_dead``."""
         if self.channel_mean[i] is None and "frac_dead" in self.names:
-            return tuple(n for n in self.names if n != "frac_dead")
+            return _without_dead(self.names)
         return self.names
 
     def scalars(self, i: int) -> dict[str, float]:

@@ -121,26 +121,22 @@ def batch_lines(batch: "RecordBatch") -> list[str]:
     (tested), and :func:`load` reads it back with ``json``.
     """
     out = []
-    values = batch.values
     names = batch.names
-    all_cols = list(range(len(names)))
     dead = names.index("frac_dead") if "frac_dead" in names else -1
-    some_cols = [j for j in all_cols if j != dead]
-    finite = np.isfinite(values)
-    dead_ok = finite[:, dead].tolist() if dead >= 0 else []
+    finite = np.isfinite(batch.values)
     if dead >= 0:  # rows without channel statistics do not write their (NaN) frac_dead column
-        finite[:, dead] = True
+        finite[[c is None for c in batch.channel_mean], dead] = True
     row_ok = finite.all(axis=1).tolist()
-    rows = values.tolist()
+    rows = batch.values.tolist()
     steps = batch.steps.tolist()
     for i, key in enumerate(batch.keys):
         has_c = batch.channel_mean[i] is not None
-        cols = all_cols if dead < 0 or has_c else some_cols
-        t = _template(key, names if cols is all_cols else tuple(names[j] for j in cols))
+        row_names = batch.row_names(i)
+        t = _template(key, row_names)
         row = rows[i]
-        if cols is not all_cols:
+        if row_names is not names:
             del row[dead]
-        if not row_ok[i] or (has_c and dead >= 0 and not dead_ok[i]):
+        if not row_ok[i]:
             row = [_json_float(v) for v in row]
         line = t % (steps[i], *row)
         if has_c:
