@@ -432,7 +432,7 @@ class ActivationMonitor:
             self._run_probe()
 
     def _run_probe(self) -> None:
-        with probe_state(self.model, self.config.probe_mode), eager(self.model):
+        with probe_state(self.model, self.config.probe_mode), eager(self.model, self._persistent):
             self._probing = True
             try:
                 self.model(*self._probe)  # type: ignore[misc]

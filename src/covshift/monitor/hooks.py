@@ -97,13 +97,15 @@ def eager_hook(fn):
 
 
 @contextlib.contextmanager
-def eager(model: nn.Module) -> Iterator[None]:
+def eager(model: nn.Module, is_compiled: Optional[bool] = None) -> Iterator[None]:
     """Within this block, ``model``'s forwards run as plain Python even if ``torch.compile`` runs it
     (``torch.compiler.set_stance("force_eager")``). The instruments' own extra forwards (gradient
     ICS, signal propagation, the monitor's probe) need their hooks called and their parameters swapped
     (``functional_call``), which a compiled graph traced without them ignores, and a one-off forward
-    gains nothing from compiling (its ``no_grad`` or eval mode would only add graphs)."""
-    if not compiled(model):
+    gains nothing from compiling (its ``no_grad`` or eval mode would only add graphs).
+    ``is_compiled``: the caller's :func:`compiled` answer, if it has one (the walk over the modules
+    is then skipped)."""
+    if not (compiled(model) if is_compiled is None else is_compiled):
         yield
         return
     with torch.compiler.set_stance("force_eager"):
