@@ -94,6 +94,10 @@ __all__ = [
     "Layer",
     "FigureSpec",
     "Metric",
+    "Bounds",
+    "PROBABILITY",
+    "NON_NEGATIVE",
+    "COSINE",
     "Claim",
     "ClaimResult",
     "Verdict",
@@ -193,6 +197,10 @@ class FigureSpec:
 
 
 Bounds = tuple[float, float]
+# Metric.bounds of the quantities experiments report: the range their values can take.
+PROBABILITY: Bounds = (0.0, 1.0)  # accuracies, error rates
+NON_NEGATIVE: Bounds = (0.0, math.inf)  # norms, distances, counts of steps, ranks
+COSINE: Bounds = (-1.0, 1.0)
 
 
 @dataclass(frozen=True)

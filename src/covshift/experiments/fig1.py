@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 
 from covshift.experiments.config import ExperimentConfig
-from covshift.experiments.declaration import Arm, Claim, ClaimResult, Experiment, FigureSpec, Layer, Metric, Role, Verdict
+from covshift.experiments.declaration import COSINE, NON_NEGATIVE, PROBABILITY, Arm, Claim, ClaimResult, Experiment, FigureSpec, Layer, Metric, Role, Verdict
 from covshift.experiments.registry import register
 
 __all__ = ["FIG1", "typical_unit", "steps_to_target", "last_layer"]
@@ -298,13 +298,13 @@ FIG1 = register(
         ),
         layers=_layers,
         metrics=(
-            Metric("final_test_acc", "final test accuracy", final_acc, bounds=(0.0, 1.0)),
-            Metric("best_test_acc", "best test accuracy", best_acc, bounds=(0.0, 1.0)),
-            Metric("test_acc_at_1000", f"test accuracy at step {EARLY_STEP:,}", acc_at(EARLY_STEP), bounds=(0.0, 1.0)),
-            Metric("steps_to_target", "steps to the baseline's final accuracy", _steps, digits=0, bounds=(0.0, math.inf)),
-            Metric("steps_to_target_grid", "evaluation grid there (steps)", _resolution, digits=0, bounds=(0.0, math.inf)),
-            Metric("last_layer_w1_drift", "last layer's input drift (W1, first to last)", layer_drift_last, digits=3, bounds=(0.0, math.inf)),
-            Metric("last_layer_ics_cosine", "gradient ICS cosine, last layer (mean over training)", ics_mean(-1, "cosine"), digits=3, bounds=(-1.0, 1.0)),
+            Metric("final_test_acc", "final test accuracy", final_acc, bounds=PROBABILITY),
+            Metric("best_test_acc", "best test accuracy", best_acc, bounds=PROBABILITY),
+            Metric("test_acc_at_1000", f"test accuracy at step {EARLY_STEP:,}", acc_at(EARLY_STEP), bounds=PROBABILITY),
+            Metric("steps_to_target", "steps to the baseline's final accuracy", _steps, digits=0, bounds=NON_NEGATIVE),
+            Metric("steps_to_target_grid", "evaluation grid there (steps)", _resolution, digits=0, bounds=NON_NEGATIVE),
+            Metric("last_layer_w1_drift", "last layer's input drift (W1, first to last)", layer_drift_last, digits=3, bounds=NON_NEGATIVE),
+            Metric("last_layer_ics_cosine", "gradient ICS cosine, last layer (mean over training)", ics_mean(-1, "cosine"), digits=3, bounds=COSINE),
         ),
         claims=(
             Claim(

@@ -9,10 +9,9 @@ same run directory, resume and executors. It declares no claims.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from covshift.experiments.config import ExperimentConfig
-from covshift.experiments.declaration import Arm, Experiment, FigureSpec, Metric, Role
+from covshift.experiments.declaration import COSINE, NON_NEGATIVE, PROBABILITY, Arm, Experiment, FigureSpec, Metric, Role
 from covshift.experiments.fig1 import _layers, best_acc, final_acc, ics_mean, layer_drift_last
 from covshift.experiments.registry import register
 
@@ -58,10 +57,10 @@ MLP_EXPERIMENT = register(
         arms=(Arm("net", Role.TREATMENT, "the network"),),
         layers=_layers,
         metrics=(
-            Metric("final_test_acc", "final test accuracy", final_acc, bounds=(0.0, 1.0)),
-            Metric("best_test_acc", "best test accuracy", best_acc, bounds=(0.0, 1.0)),
-            Metric("last_layer_w1_drift", "last layer's input drift (W1, first to last)", layer_drift_last, digits=3, bounds=(0.0, math.inf)),
-            Metric("last_layer_ics_cosine", "gradient ICS cosine, last layer (mean over training)", ics_mean(-1, "cosine"), digits=3, bounds=(-1.0, 1.0)),
+            Metric("final_test_acc", "final test accuracy", final_acc, bounds=PROBABILITY),
+            Metric("best_test_acc", "best test accuracy", best_acc, bounds=PROBABILITY),
+            Metric("last_layer_w1_drift", "last layer's input drift (W1, first to last)", layer_drift_last, digits=3, bounds=NON_NEGATIVE),
+            Metric("last_layer_ics_cosine", "gradient ICS cosine, last layer (mean over training)", ics_mean(-1, "cosine"), digits=3, bounds=COSINE),
         ),
         figures=(
             FigureSpec("accuracy.png", "Test accuracy over training (mean over seeds, with its 95% band).", _accuracy),

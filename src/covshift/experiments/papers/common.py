@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covshift.experiments.declaration import ClaimResult, Verdict
+from covshift.experiments.declaration import COSINE, NON_NEGATIVE, PROBABILITY, ClaimResult, Verdict  # noqa: F401 - the bounds: re-exported
 from covshift.experiments.models import MLP
 
 __all__ = ["he_mlp", "he_init_", "train_classifier", "TrainResult", "evaluate", "batch_indices", "not_evaluated", "tensors", "doc_field",
@@ -38,10 +38,6 @@ MONITOR_FIELDS = ("monitor_every", "ics_every", "units", "probe_size", "tensorbo
 # The training loop's early, finer evaluation grid (train_classifier evaluates every eval_every steps).
 EVAL_SCHEDULE_FIELDS = ("eval_every_early", "early_fraction")
 HE_INIT = "the networks are He-initialized, N(0, 2/fan-in)"
-# Metric.bounds of the quantities the experiments report: the range the values can take.
-PROBABILITY = (0.0, 1.0)  # accuracies, error rates
-NON_NEGATIVE = (0.0, math.inf)  # norms, ranges, ratios of norms, ranks
-COSINE = (-1.0, 1.0)
 
 
 def hints(groups: dict[str, tuple[str, ...]]) -> dict[str, str]:
