@@ -95,7 +95,7 @@ th { background: #f6f6f6; } figure { margin: 1.2em 0; } img { max-width: 100%; }
 """
 
 
-def _html(run: LoadedRun, rows: list[dict], claims: list[dict], findings: list[str], figures: list[tuple[str, str]]) -> str:
+def _html(run: LoadedRun, rows: list[dict], claims: list[dict], findings: list[str], figures: list[tuple[str, str]], clipped: bool) -> str:
     esc, meta, exp = html.escape, run.meta, run.experiment
 
     def img(name: str, caption: str) -> str:
@@ -154,7 +154,7 @@ def _html(run: LoadedRun, rows: list[dict], claims: list[dict], findings: list[s
         f'<p class="muted">{CLIPPED_MARK} The Student-t interval, symmetric about the mean, reached past the '
         "metric's possible range (for example above 1 for an accuracy) and is clipped to it; the mean is not changed, "
         "and summary.json gives the unclipped ends (ci95_unclipped).</p>"
-        if any(CLIPPED_MARK in str(v) for r in rows for v in r.values()) else ""
+        if clipped else ""
     )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1"><title>covshift {esc(exp.name)}: {esc(run.dir.name)}</title>
@@ -223,7 +223,8 @@ def build_report(run_dir: Union[str, Path]) -> dict[str, Any]:
         "units": {str(u.unit): u.status.get("status", "unknown") for u in run.units},
     }
     atomic_write_json(run.dir / "summary.json", _finite(summary))
-    atomic_write_text(run.dir / "report.html", _html(run, rows, claims, findings, figures))
+    clipped = any("ci95_unclipped" in est for arm in numbers.values() for est in arm.values())  # Estimate.to_dict's mark
+    atomic_write_text(run.dir / "report.html", _html(run, rows, claims, findings, figures, clipped))
     return summary
 
 
