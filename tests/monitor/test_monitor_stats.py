@@ -374,10 +374,13 @@ def _selection_cases():
         ("duplicates and outliers", torch.cat([torch.full((n - 3,), 0.25), torch.tensor([-1e9, 1e9, 0.2500001])])),
         ("a few wide bins", torch.randn(20000, generator=g)),
         ("clustered inside one sub-range", torch.cat([torch.tensor([-1.0, 1.0]), 1e-6 * torch.randn(n, generator=g)])),
+        # each refinement level only peels off one pair of outliers, so the selection reaches its depth
+        # limit (3) and finishes with a plain select on the rest
+        ("nested clusters", torch.cat([torch.tensor([-1e-3, 1e-3, -1e-6, 1e-6, -1e-9, 1e-9, -1e-12, 1e-12]), 1e-15 * torch.randn(1000, generator=g)])),
     ]
 
 
-@pytest.mark.parametrize("case", range(6), ids=[c[0] for c in _selection_cases()])
+@pytest.mark.parametrize("case", range(7), ids=[c[0] for c in _selection_cases()])
 def test_record_percentiles_are_exact_order_statistics_on_crowded_bins(case):
     _need(True)
     _, x = _selection_cases()[case]
