@@ -102,3 +102,19 @@ def test_double_backward_through_the_operator_is_the_formula():
         return torch.ops.covshift.batch_norm(x, w, b, None, None, True, 0.1, 1e-5)[0]
 
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_operator_in_eval_takes_an_empty_strided_batch_forward_and_backward(dtype):
+    """Called directly (not through functional.batch_norm, which handles an empty batch itself): the
+    backward used to refuse autograd's contiguous grad_output for the empty sliced input ("must have
+    the input's shape, strides and dtype"). An empty tensor's strides are not read."""
+    x = torch.randn(0, 5, 18, dtype=dtype)[:, :, ::2].requires_grad_()
+    w, b = torch.ones(5, dtype=dtype, requires_grad=True), torch.zeros(5, dtype=dtype, requires_grad=True)
+    rm, rv = torch.zeros(5, dtype=dtype), torch.ones(5, dtype=dtype)
+    y = torch.ops.covshift.batch_norm(x, w, b, rm, rv, False, 0.1, 1e-5)[0]
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(w.grad, torch.zeros(5, dtype=dtype))
+    torch.testing.assert_close(b.grad, torch.zeros(5, dtype=dtype))

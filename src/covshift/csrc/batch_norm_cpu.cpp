@@ -721,7 +721,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   const OptTensor weight = dense(weight_);
   const Tensor mean = mean_.contiguous(), invstd = invstd_.contiguous();
   const Geometry g = geometry_of(x);
-  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.strides() == x.strides() &&
+  // (an empty tensor's strides are not read: autograd may hand back any layout for it)
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && (x.numel() == 0 || grad_out.strides() == x.strides()) &&
                   grad_out.scalar_type() == x.scalar_type(),
               "covshift::batch_norm_backward: grad_output must have the input's shape, strides and dtype");
   const bool need_input = output_mask[0], need_params = output_mask[1] || output_mask[2];
