@@ -2,9 +2,11 @@
 
 dynamo does not retrace when module hooks are added or removed (``skip_nnmodule_hook_guards``), and
 it traces a hook's Python into the graph once, so a monitor that registers its hooks per armed step
-recorded step 0 only, and silently. On a compiled model the monitor keeps its hooks while attached
-and makes them opaque to dynamo; these tests compare its records with an eager run of the same
-training (same seed, same batches), and check the warning for a model compiled before attaching.
+recorded step 0 only, and silently. Given a ``torch.compile`` wrapper the monitor now runs each
+checkpoint's forward eagerly; on a model compiled in place it keeps its hooks while attached and makes
+them opaque to dynamo. These tests compare its records with an eager run of the same training (same
+seed, same batches), check that the wrapper's other steps stay one compiled graph, and check the
+warning for a compiled submodule traced before attaching.
 """
 
 from __future__ import annotations
@@ -68,20 +70,47 @@ def test_a_compiled_model_is_recorded_at_every_checkpoint_as_in_eager(mode, tmp_
         torch.testing.assert_close(torch.tensor(got[layer][2]), torch.tensor(p50), rtol=1e-4, atol=1e-5)
 
 
-def test_a_model_compiled_before_the_monitor_attached_warns_instead_of_recording_nothing_silently(tmp_path):
-    model = _model()
-    compiled = torch.compile(model)
+def test_a_compiled_submodule_traced_before_the_monitor_attached_warns_instead_of_recording_nothing(tmp_path):
+    """The one way left to miss records: the watched layer sits in a compiled submodule whose graph was
+    traced before the monitor's hooks existed. The monitor says so rather than staying silent."""
+    torch.manual_seed(0)
+    inner = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU())
+    model = torch.nn.Sequential(torch.compile(inner), torch.nn.Linear(32, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(2):  # traced now, without the monitor's hooks
-        compiled(torch.randn(16, 20)).pow(2).mean().backward()
+    for _ in range(2):  # the submodule is traced now, without the monitor's hooks
+        model(torch.randn(16, 20)).pow(2).mean().backward()
     with pytest.warns(UserWarning, match=r"compiled before the monitor was attached"):
-        with ActivationMonitor(compiled, every=2, log_dir=tmp_path) as mon:
+        with ActivationMonitor(model, every=2, log_dir=tmp_path, layers=["0._orig_mod.1"]) as mon:
             for _ in range(3):
-                loss = compiled(torch.randn(16, 20)).pow(2).mean()
+                loss = model(torch.randn(16, 20)).pow(2).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 mon.step()
+    assert not len(mon.steps("0._orig_mod.1"))
+
+
+def test_a_torch_compile_wrapper_runs_its_checkpoints_eagerly_and_every_other_step_compiled(tmp_path):
+    """Given torch.compile(model), the monitor runs only the measured forwards eagerly
+    (set_stance("force_eager") from the wrapper's own hooks): the compiled graph has no graph break,
+    it was traced before the monitor came, and still every checkpoint is recorded."""
+    from torch._dynamo.utils import counters
+
+    model = _model()
+    compiled = torch.compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    compiled(torch.randn(16, 20)).pow(2).mean().backward()  # traced before the monitor exists
+    counters.clear()
+    with ActivationMonitor(compiled, every=3, log_dir=tmp_path) as mon:
+        for _ in range(10):
+            loss = compiled(torch.randn(16, 20)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step()
+    assert [list(mon.steps(layer)) for layer in mon.layers] == [[0, 3, 6, 9]] * 2
+    assert not counters["graph_break"] and not counters["recompiles"]
+    assert torch._dynamo.eval_frame._stance.stance == "default"  # restored after each measured forward
 
 
 class _Block(torch.nn.Module):

@@ -26,13 +26,19 @@ view (``table``, ``series``, ...) is read, or on leaving the ``with`` block.
 Hooks exist only during armed steps: :meth:`~ActivationMonitor.step` registers them when it arms a
 checkpoint and removes them at the next call, so the steps in between cost nothing.
 
-Under ``torch.compile`` (the model, or a module in it, compiled: ``torch.compile(model)`` or
-``model.compile()``) the hooks stay registered from :meth:`~ActivationMonitor.attach` to
-:meth:`~ActivationMonitor.detach` and are opaque to dynamo (``torch.compiler.disable``): the compiled
-forward calls them as Python at every step (a graph break per watched module), which keeps the records
-right, since dynamo does not retrace when hooks are added or removed. Attach the monitor before the
-compiled model's first forward: a graph traced without the hooks never calls them (the monitor then
-warns that a checkpoint recorded nothing).
+Under ``torch.compile`` dynamo neither retraces when hooks are added or removed nor replays a traced
+hook's Python, so the monitor changes its ways:
+
+* given what ``torch.compile(model)`` returns, whose own hooks run outside the graph, it runs the
+  measured forward of each checkpoint eagerly (the root's pre-hook sets
+  ``torch.compiler.set_stance("force_eager")``, its post-hook restores the stance); every other step
+  runs the compiled graph, which was traced without the hooks;
+* on a model compiled in place (``model.compile()``) or holding compiled modules, its hooks stay
+  registered from :meth:`~ActivationMonitor.attach` to :meth:`~ActivationMonitor.detach` and are
+  opaque to dynamo (``torch.compiler.disable``): the compiled forward calls them as Python at every
+  step, a graph break per watched module. Attach the monitor before the model's first forward: a
+  compiled submodule traced without the hooks never calls them (the monitor then warns that a
+  checkpoint recorded nothing).
 
 A module called several times in one forward (shared weights, one activation module reused) is
 recorded per call: ``"act"``, ``"act#1"``, ``"act#2"``, ... Only modules are seen: an activation
@@ -64,7 +70,7 @@ from covshift.monitor import io, stats
 from covshift.monitor.config import MonitorConfig
 from covshift.monitor.flush import Pending
 from covshift.monitor.records import ChannelStats, Histograms, Layer, MonitorRecords, RecordKey
-from covshift.monitor.hooks import _first_float_tensor, compiled, eager, eager_hook, suspend_monitors, suspended
+from covshift.monitor.hooks import _first_float_tensor, compile_wrapper, compiled, eager, eager_hook, suspend_monitors, suspended
 from covshift.monitor.probe import probe_state
 from covshift.monitor.selection import select_modules
 from covshift.monitor.writer import RunWriter
@@ -200,6 +206,8 @@ class ActivationMonitor:
         self._hook_plan: Optional[list[tuple[nn.Module, Any]]] = None  # (module, bound hook) per watched name
         self._root_hooks: tuple[Any, Any] = (self._root_enter, self._root_exit)
         self._persistent = False  # hooks kept registered while attached (a compiled model): see attach()
+        self._switch = False  # the measured forward runs eagerly (the model is a torch.compile wrapper)
+        self._stance: Any = None  # torch.compiler.set_stance("force_eager") while that forward runs
         self._sample_size = int(config.sample_size)
         self._flush_every = int(config.flush_every)
         self._every = int(config.every)
@@ -215,7 +223,9 @@ class ActivationMonitor:
         if self._attached:
             return self
         self._attached = True
-        self._persistent = compiled(self.model)  # see the module docstring: hooks for a compiled model
+        # see the module docstring: a compiled model's checkpoints run eagerly, or its hooks persist
+        self._switch = compile_wrapper(self.model)
+        self._persistent = not self._switch and compiled(self.model)
         self._hook_plan = None
         self._write_meta()
         if self.optimizer is not None:
@@ -357,6 +367,8 @@ class ActivationMonitor:
             )
         if self._recording:
             self._calls.clear()
+            if self._switch and self._stance is None:
+                self._stance = torch.compiler.set_stance("force_eager")  # set now; _root_exit restores
 
     def _root_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         # A forward counts as this checkpoint's only when a watched module was measured in it (a
@@ -365,6 +377,9 @@ class ActivationMonitor:
             self._armed = False  # one forward per checkpoint step
             self._pending_steps += 1
         self._recording = False
+        if self._stance is not None:
+            stance, self._stance = self._stance, None
+            stance.__exit__(None, None, None)  # the stance before _root_enter's
 
     def _on_input(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._recording:

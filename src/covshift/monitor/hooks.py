@@ -3,8 +3,8 @@
 * :func:`suspend_monitors`: forwards inside it are recorded by no monitor;
 * :func:`_first_float_tensor`: what a hook measures in a module's arguments or output;
 * :func:`_one_cpu_thread`, :func:`_cuda_devices`: the flush's thread setting, the RNG devices to fork;
-* :func:`compiled`, :func:`eager_hook`, :func:`eager`: hooks and extra forwards on a model that
-  ``torch.compile`` runs.
+* :func:`compiled`, :func:`compile_wrapper`, :func:`eager_hook`, :func:`eager`: hooks and extra
+  forwards on a model that ``torch.compile`` runs.
 """
 
 from __future__ import annotations
@@ -87,6 +87,16 @@ def compiled(model: nn.Module) -> bool:
     from torch._dynamo.eval_frame import OptimizedModule
 
     return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
+def compile_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is what ``torch.compile(module)`` returns (an ``OptimizedModule``): its own
+    hooks run as Python around the compiled call, outside the graph."""
+    if "torch._dynamo" not in sys.modules:
+        return False
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return isinstance(model, OptimizedModule)
 
 
 def eager_hook(fn):
